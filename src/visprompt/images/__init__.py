@@ -1,0 +1,32 @@
+"""The image input layer: safe loading (`load_image`) and encoder preprocessing (`ImagePreprocessor`)."""
+
+from .loading import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, image_fingerprint, load_image, to_rgb
+from .preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    HALF_MEAN,
+    HALF_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESIZE_MODES,
+    ImagePreprocessor,
+    augment,
+)
+
+__all__ = [
+    "load_image",
+    "image_fingerprint",
+    "to_rgb",
+    "ImageSource",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_BYTES",
+    "ImagePreprocessor",
+    "augment",
+    "RESIZE_MODES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "HALF_MEAN",
+    "HALF_STD",
+]
