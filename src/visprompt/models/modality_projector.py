@@ -1,0 +1,50 @@
+"""Connector: patch tokens from the vision encoder -> tokens in the language model's space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Merge each factor x factor block of neighbouring patches into one token.
+
+    [B, N, D] -> [B, N / factor^2, D * factor^2]; N must be a square grid divisible by factor.
+    """
+    if factor == 1:
+        return x
+    b, n, d = x.shape
+    side = math.isqrt(n)
+    if side * side != n or side % factor:
+        raise ConfigError(f"pixel shuffle needs a square patch grid divisible by {factor}, got {n} patches")
+    x = x.reshape(b, side // factor, factor, side // factor, factor, d)  # [B, h, r, w, r, D]
+    x = x.permute(0, 1, 3, 2, 4, 5)  # [B, h, w, r, r, D]
+    return x.reshape(b, (side // factor) ** 2, d * factor * factor)
+
+
+class ModalityProjector(nn.Module):
+    """Optional pixel shuffle, then a 2-layer MLP with GELU (LLaVA's `mlp2x_gelu`)."""
+
+    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int = 0, pixel_shuffle_factor: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.pixel_shuffle_factor = pixel_shuffle_factor
+        in_dim = vision_dim * pixel_shuffle_factor**2
+        hidden_dim = hidden_dim or lm_dim
+        self.net = nn.Sequential(
+            nn.LayerNorm(in_dim),  # encoders differ wildly in feature scale (CNN maps vs ViT states)
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, lm_dim),
+        )
+
+    def output_tokens(self, num_patches: int) -> int:
+        return num_patches // self.pixel_shuffle_factor**2
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # patches: [B, N, Dv] -> [B, N / r^2, D_lm]
+        return self.net(pixel_shuffle(patches, self.pixel_shuffle_factor))

@@ -1,0 +1,198 @@
+"""Vision encoders: any transformers vision model (ViT-style or CNN), or one built from a size spec.
+
+Whatever the family, the encoder returns patch tokens `[B, N, D]`: transformer encoders give their
+hidden states without the CLS/register tokens, CNNs give their last feature map flattened row by row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .config import VLMConfig
+from .hub import resolve_model_path
+
+# Transformer encoders: how many leading non-patch tokens (CLS) to drop.
+_LEADING_TOKENS = {"vit": 1, "clip_vision_model": 1, "dinov2": 1, "dinov2_with_registers": 1, "siglip_vision_model": 0}
+# Full two-tower checkpoints whose vision half we take.
+_TWO_TOWER = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+CNN_TYPES = {"resnet", "convnext", "convnextv2", "efficientnet", "mobilenet_v2", "regnet", "bit"}
+PACKAGED = {"efficientnet-lite0"}
+
+# Normalisation per family when the checkpoint has no image processor config.
+_DEFAULT_NORM = {
+    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+_IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _model_from_config(config) -> nn.Module:
+    from transformers import AutoModel
+
+    if config.model_type == "vit":
+        from transformers import ViTModel
+
+        return ViTModel(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
+
+
+def scratch_vision_config(cfg: VLMConfig):
+    """A transformers config from the size spec in `cfg` (random weights, no download)."""
+    if cfg.vision_type == "vit":
+        from transformers import ViTConfig
+
+        if cfg.image_size % cfg.vision_patch_size:
+            raise ConfigError(f"image_size {cfg.image_size} is not a multiple of vision_patch_size {cfg.vision_patch_size}")
+        return ViTConfig(
+            hidden_size=cfg.vision_hidden_size,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            intermediate_size=4 * cfg.vision_hidden_size,
+            image_size=cfg.image_size,
+            patch_size=cfg.vision_patch_size,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    if cfg.vision_type == "resnet":
+        from transformers import ResNetConfig
+
+        # Stage widths double up to vision_hidden_size; one block per stage keeps it small.
+        widths = [max(16, cfg.vision_hidden_size >> (cfg.vision_layers - 1 - i)) for i in range(cfg.vision_layers)]
+        return ResNetConfig(
+            embedding_size=widths[0],
+            hidden_sizes=widths,
+            depths=[1] * cfg.vision_layers,
+            layer_type="basic",
+            downsample_in_first_stage=False,
+        )
+    raise ConfigError(f"vision_type must be 'vit' or 'resnet' for a scratch encoder, got {cfg.vision_type!r}")
+
+
+class VisionEncoder(nn.Module):
+    """Wraps a transformers vision model (or the packaged EfficientNet-Lite0) -> patch tokens [B, N, D]."""
+
+    def __init__(self, model: nn.Module, model_type: str, feature_layer: int = -1, num_leading_tokens: int = 0):
+        super().__init__()
+        self.model = model
+        self.model_type = model_type
+        self.feature_layer = feature_layer
+        self.num_leading_tokens = num_leading_tokens
+        self.is_cnn = model_type in CNN_TYPES or model_type in PACKAGED
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: VLMConfig) -> "VisionEncoder":
+        """Rebuild the architecture saved in cfg.vision_config (weights come from the checkpoint)."""
+        if cfg.vision_config is None:
+            raise ConfigError("vision_config is missing: this config was never built")
+        vc = dict(cfg.vision_config)
+        model_type = vc.pop("model_type")
+        if model_type in PACKAGED:
+            from .efficientnet_lite import EfficientNetLiteEncoder
+
+            return cls(EfficientNetLiteEncoder.build(pretrained=False), model_type)
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(model_type, **vc)
+        return cls(_model_from_config(config), model_type, cfg.vision_feature_layer, _leading_tokens(config))
+
+    @classmethod
+    def build(cls, cfg: VLMConfig) -> "VisionEncoder":
+        """Build per cfg.vision_source (scratch / packaged / hub id / folder) and fill cfg's vision fields."""
+        src = cfg.vision_source
+        if src == "scratch":
+            cfg.image_size = cfg.image_size or 64
+            cfg.image_mean, cfg.image_std = cfg.image_mean or (0.5, 0.5, 0.5), cfg.image_std or (0.5, 0.5, 0.5)
+            config = scratch_vision_config(cfg)
+            enc = cls(_model_from_config(config), config.model_type, cfg.vision_feature_layer, _leading_tokens(config))
+        elif src in PACKAGED:
+            from .efficientnet_lite import EfficientNetLiteEncoder
+
+            net = EfficientNetLiteEncoder.from_packaged()
+            enc = cls(net, src)
+            cfg.image_size = cfg.image_size or net.image_size
+            cfg.image_mean, cfg.image_std = cfg.image_mean or tuple(net.image_mean), cfg.image_std or tuple(net.image_std)
+        else:
+            enc = cls._from_pretrained(src, cfg)
+        cfg.vision_config = enc.config_dict()
+        return enc
+
+    @classmethod
+    def _from_pretrained(cls, ref: str, cfg: VLMConfig) -> "VisionEncoder":
+        from transformers import AutoConfig, AutoModel
+
+        path = resolve_model_path(ref)
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type in _TWO_TOWER:
+            config = config.vision_config
+        kwargs: dict[str, Any] = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+        if config.model_type in _TWO_TOWER.values():
+            model_cls = type(AutoModel.from_config(config))  # e.g. CLIPVisionModel: reads the vision half
+            model = model_cls.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModel.from_pretrained(path, **kwargs)
+        _fill_image_settings(cfg, path, config)
+        return cls(model, config.model_type, cfg.vision_feature_layer, _leading_tokens(config))
+
+    def config_dict(self) -> dict[str, Any]:
+        if self.model_type in PACKAGED:
+            return {"model_type": self.model_type}
+        d = self.model.config.to_dict()
+        d["model_type"] = self.model_type
+        for k in ("transformers_version", "architectures", "_name_or_path"):
+            d.pop(k, None)
+        return d
+
+    @property
+    def hidden_size(self) -> int:
+        if self.model_type in PACKAGED:
+            return self.model.hidden_size
+        c = self.model.config
+        if self.is_cnn:
+            return c.hidden_sizes[-1] if hasattr(c, "hidden_sizes") else getattr(c, "hidden_dim", c.hidden_size)
+        return c.hidden_size
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [B, 3, H, W] -> patch tokens [B, N, D]
+        if self.model_type in PACKAGED:
+            return self.model(pixel_values)
+        if self.is_cnn:
+            fmap = self.model(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
+            return fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        want_all = self.feature_layer != -1
+        out = self.model(pixel_values=pixel_values, output_hidden_states=want_all)
+        hidden = out.hidden_states[self.feature_layer] if want_all else out.last_hidden_state  # [B, T, D]
+        return hidden[:, self.num_leading_tokens :]
+
+
+def _leading_tokens(config) -> int:
+    n = _LEADING_TOKENS.get(config.model_type, 0)
+    return n + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+def _fill_image_settings(cfg: VLMConfig, path, config) -> None:
+    """Image size and normalisation from the checkpoint's image processor, else family defaults;
+    values the user set in the config win."""
+    mean, std = _DEFAULT_NORM.get(config.model_type, _IMAGENET_NORM)
+    size = getattr(config, "image_size", None) or 224
+    try:
+        import json
+        from pathlib import Path
+
+        proc = json.loads(Path(path, "preprocessor_config.json").read_text())
+        mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
+        s = proc.get("crop_size") or proc.get("size") or size
+        if isinstance(s, dict):
+            s = s.get("height") or s.get("shortest_edge") or size
+        size = int(s)
+    except (OSError, ValueError):
+        pass
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    cfg.image_size = cfg.image_size or int(size)
+    cfg.image_mean, cfg.image_std = cfg.image_mean or tuple(mean), cfg.image_std or tuple(std)

@@ -1,0 +1,53 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep each test process to one BLAS thread so parallel runs don't thrash.
+torch.set_num_threads(int(os.environ.get("VISPROMPT_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small shapes dataset, generated once per test session (nothing is downloaded)."""
+    from visprompt.data.shapes import generate_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes_dataset(out, n_train=48, n_test=8, seed=3)
+    return out
+
+
+def tiny_config(**overrides):
+    from visprompt.models.config import VLMConfig
+
+    base = dict(
+        vision_type="vit", vision_hidden_size=32, vision_layers=1, vision_heads=2, vision_patch_size=8, image_size=32,
+        lm_hidden_size=48, lm_layers=2, lm_heads=2, lm_kv_heads=1, lm_max_position=256, tokenizer_vocab_size=320,
+    )
+    base.update(overrides)
+    return VLMConfig(**base)
+
+
+TEXTS = [
+    "What color is the circle?", "red", "blue", "green", "How many shapes are there?", "3", "yes", "no",
+    "Describe the image.", "a small red circle and a large blue square", "Where is the square?", "top left",
+]
+
+
+def spread_weights(model, std=0.4, seed=0):
+    """Random init with a wide spread, so greedy decoding of an untrained model varies token to token
+    (the default 0.02 init makes every step pick the same token, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    from visprompt.models.vision_language_model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    return spread_weights(VisionLanguageModel.build(tiny_config(), TEXTS)).eval()

@@ -1,0 +1,147 @@
+"""Model kit: building from size specs, tokenizer training, prefix fusion, save/load round trip."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TEXTS, spread_weights, tiny_config
+from visprompt.engine.prompting import encode_chat, encode_training_example
+from visprompt.errors import ConfigError, ModelNotFoundError
+from visprompt.models.config import VLMConfig
+from visprompt.models.modality_projector import ModalityProjector, pixel_shuffle
+from visprompt.models.tokenizer import train_tokenizer
+from visprompt.models.vision_language_model import VisionLanguageModel
+
+
+def test_tokenizer_trained_on_data_round_trips_and_keeps_special_tokens():
+    tok = train_tokenizer(TEXTS * 3, vocab_size=400, image_token="<image>")
+    assert len(tok) <= 400 + 1
+    text = "Where is the small red circle? top left, 3 shapes; ünïcode ✓"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: any text survives
+    ids = tok("<image>\nWhat color is the circle?")["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<image>")  # the placeholder is one token, never split
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<pad>"
+    # Frequent words from the data became single tokens.
+    assert len(tok("What")["input_ids"]) == 1 and len(tok(" color")["input_ids"]) == 1
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_loss_mask_covers_only_assistant_replies():
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat color is the circle?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "How many shapes are there?"},
+        {"role": "assistant", "content": "3"},
+    ]
+    ids, mask = encode_training_example(tok, chat)
+    assert ids == encode_chat(tok, chat, add_generation_prompt=False)
+    supervised = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert supervised.replace("\n", "") == "red<|im_end|>3<|im_end|>"
+    # Nothing of the questions, the system prompt or the image placeholder is supervised.
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert not any(m for t, m in zip(ids, mask) if t == image_id)
+
+
+def test_pixel_shuffle_merges_neighbours():
+    x = torch.arange(16).float().reshape(1, 16, 1)  # a 4x4 grid, one channel
+    y = pixel_shuffle(x, 2)  # [1, 4, 4]
+    assert y.shape == (1, 4, 4)
+    assert y[0, 0].tolist() == [0, 1, 4, 5]  # top-left 2x2 block
+    with pytest.raises(ConfigError):
+        pixel_shuffle(torch.zeros(1, 15, 1), 2)
+    proj = ModalityProjector(8, 16, pixel_shuffle_factor=2)
+    assert proj(torch.zeros(2, 64, 8)).shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("vision_type,shuffle", [("vit", 1), ("vit", 2), ("resnet", 1)])
+def test_build_from_size_spec(vision_type, shuffle):
+    cfg = tiny_config(vision_type=vision_type, connector_pixel_shuffle=shuffle, vision_layers=2)
+    model = VisionLanguageModel.build(cfg, TEXTS)
+    assert cfg.vision_config is not None and cfg.lm_config is not None
+    tokens = model.encode_images(torch.zeros(3, 3, 32, 32))
+    assert tokens.shape == (3, cfg.tokens_per_image, 48)
+    expected = {("vit", 1): 16, ("vit", 2): 4, ("resnet", 1): 16}[(vision_type, shuffle)]
+    assert cfg.tokens_per_image == expected
+    assert cfg.image_token_id == model.tokenizer.convert_tokens_to_ids("<image>")
+
+
+def test_image_features_replace_placeholder_embeddings(tiny_model):
+    cfg = tiny_model.cfg
+    ids = torch.tensor([[5] + [cfg.image_token_id] * cfg.tokens_per_image + [6]])
+    image_embeds = torch.randn(1, cfg.tokens_per_image, 48)
+    embeds = tiny_model.embed(ids, image_embeds)
+    assert torch.equal(embeds[0, 1 : 1 + cfg.tokens_per_image], image_embeds[0])
+    assert torch.equal(embeds[0, 0], tiny_model.lm.get_input_embeddings().weight[5])
+    with pytest.raises(ValueError):
+        tiny_model.embed(ids, torch.randn(2, cfg.tokens_per_image, 48))  # more image tokens than slots
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_model, tmp_path):
+    cfg = tiny_model.cfg
+    ids = torch.tensor([[7, 8] + [cfg.image_token_id] * cfg.tokens_per_image + [9, 10, 11]])
+    pixels = torch.randn(1, 3, 32, 32)
+    before = tiny_model(ids, pixel_values=pixels).logits
+    tiny_model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = VisionLanguageModel.from_pretrained(tmp_path)
+    after = loaded(ids, pixel_values=pixels).logits
+    assert torch.equal(before, after)
+    assert json.loads(json.dumps(loaded.cfg.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
+    assert loaded.tokenizer("What color?")["input_ids"] == tiny_model.tokenizer("What color?")["input_ids"]
+
+
+def test_resnet_round_trip_keeps_batchnorm_statistics(tmp_path):
+    model = spread_weights(VisionLanguageModel.build(tiny_config(vision_type="resnet", vision_layers=2), TEXTS))
+    model.vision.train()(torch.randn(4, 3, 32, 32))  # move the running statistics away from init
+    model.eval().save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.encode_images(x), VisionLanguageModel.from_pretrained(tmp_path).encode_images(x))
+
+
+def test_config_rejects_unknown_fields_and_fusions(tmp_path):
+    with pytest.raises(ConfigError):
+        VLMConfig.from_dict({"lm_layerz": 3})
+    with pytest.raises(ConfigError):
+        VLMConfig(fusion="telepathy")
+    with pytest.raises(ModelNotFoundError):
+        VisionLanguageModel.from_pretrained(tmp_path)
+
+
+def test_hf_vision_encoder_and_lm_from_local_folders(tmp_path):
+    """Pretrained parts load by folder (as they would by hub id), CLS dropped, CNN maps flattened."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
+
+    from visprompt.models.tokenizer import train_tokenizer
+
+    clip_dir, resnet_dir, lm_dir = tmp_path / "clip", tmp_path / "resnet", tmp_path / "lm"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(clip_dir)
+    ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic")).save_pretrained(resnet_dir)
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    tok.save_pretrained(lm_dir)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).save_pretrained(lm_dir)
+
+    clip_vlm = VisionLanguageModel.build(VLMConfig(vision_source=str(clip_dir), lm_source=str(lm_dir), image_size=32))
+    assert clip_vlm.cfg.tokens_per_image == 16  # 4x4 patches, CLS dropped
+    assert clip_vlm.cfg.image_mean[0] == pytest.approx(0.48145466)  # CLIP's own normalisation
+    resnet_vlm = VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64))
+    assert resnet_vlm.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, resnet_vlm.cfg.tokens_per_image, 32)
+    # Saved and reloaded without the source folders.
+    clip_vlm.save_pretrained(tmp_path / "vlm")
+    for d in (clip_dir, lm_dir):
+        for f in d.iterdir():
+            f.unlink()
+    reloaded = VisionLanguageModel.from_pretrained(tmp_path / "vlm")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(reloaded.encode_images(x), clip_vlm.eval().encode_images(x))
+
+
+def test_missing_hub_model_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as e:
+        VisionLanguageModel.build(VLMConfig(vision_source="no-such-org/no-such-model"), TEXTS)
+    assert "visprompt pull no-such-org/no-such-model" in str(e.value) and "\n" not in str(e.value)
