@@ -1,0 +1,37 @@
+"""Model references -> backends: a visprompt folder, an HF VLM (folder or hub id), or `starter`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ModelNotFoundError
+from ..models.hub import resolve_model_path
+from .backend import Backend
+
+STARTER = "starter"
+
+
+def load_backend(ref: str = STARTER, device: str = "cpu") -> Backend:
+    if ref == STARTER:
+        from .backends.starter import StarterBackend
+
+        return StarterBackend(device=device)
+    path = resolve_model_path(ref)
+    try:
+        config = json.loads(Path(path, "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ModelNotFoundError(f"{ref} has no readable config.json: not a model folder") from None
+    if config.get("model_type") == "visprompt":
+        from .backends.own import OwnVLMBackend
+
+        backend = OwnVLMBackend.from_pretrained(path, device=device)
+        backend.name = str(ref)
+        return backend
+    from .backends.hf_vlm import HFVLMBackend, is_hf_vlm_folder
+
+    if is_hf_vlm_folder(path):
+        return HFVLMBackend.from_pretrained(str(path), device=device)
+    raise ModelNotFoundError(
+        f"{ref} is a {config.get('model_type', 'unknown')!r} model, not a vision-language model visprompt can run"
+    )
