@@ -1,0 +1,178 @@
+"""`visprompt` command line. The answer goes to stdout, progress and logs to stderr.
+
+Exit codes: 0 ok, 2 bad input or usage (one line saying why), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import VispromptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Give a language model eyes.")
+data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
+app.add_typer(data_app, name="data")
+
+ModelOpt = typer.Option("starter", "--model", "-m", help="A model folder, a hub id, or 'starter'.")
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> dict:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+
+
+def _emit(text: str, as_json: bool, **fields) -> None:
+    if as_json:
+        print(json.dumps({"text": text, **fields}))
+    else:
+        print(text)
+
+
+@app.command()
+def describe(
+    image: str = typer.Argument(..., help="Image path (or data: URL)."),
+    model: str = ModelOpt,
+    style: str = typer.Option("brief", help="brief | detailed"),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Describe an image."""
+    import visprompt
+
+    assistant = visprompt.load(model)
+    text = assistant.describe(image, style=style, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
+    _emit(text, as_json, model=assistant.name, image=image)
+
+
+@app.command()
+def ask(
+    image: str = typer.Argument(..., help="Image path (or data: URL)."),
+    question: str = typer.Argument(...),
+    model: str = ModelOpt,
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Answer a question about an image."""
+    import visprompt
+
+    assistant = visprompt.load(model)
+    text = assistant.ask(image, question, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
+    _emit(text, as_json, model=assistant.name, image=image, question=question)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Recipe YAML (model: and train: sections)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting: key=value (repeatable)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (train.output_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Train a model on LLaVA-format data."""
+    from ..train.config import load_recipe
+    from ..train.trainer import Trainer
+
+    overrides = list(set_)
+    if output:
+        overrides.append(f"train.output_dir={output}")
+    if resume:
+        overrides.append("train.resume=true")
+    recipe = load_recipe(config, overrides)
+    summary = Trainer(recipe).train()
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        em = summary.get("eval_exact_match")
+        print(f"saved {recipe.train.output_dir}" + (f" (held-out exact match {em:.1%})" if em is not None else ""))
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m"),
+    data: Path = typer.Option(..., "--data", help="LLaVA JSON split with reference answers."),
+    max_records: int = typer.Option(0, "--max-records", help="0: all."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the report JSON here."),
+):
+    """Score a model's answers on a LLaVA-format split (normalised exact match)."""
+    import visprompt
+
+    from ..data.llava import load_llava_records
+    from ..eval.vqa import evaluate_vqa
+
+    records = load_llava_records(data)
+    if max_records:
+        records = records[:max_records]
+    report = evaluate_vqa(visprompt.load(model).backend, records)
+    if output:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(json.dumps(report.to_dict()))
+
+
+@app.command()
+def pull(model: str = typer.Argument(..., help="Hub id, e.g. HuggingFaceTB/SmolVLM-256M-Instruct")):
+    """Download a model into the local cache (on a connected machine)."""
+    from ..models.hub import pull as hub_pull
+
+    print(hub_pull(model))
+
+
+@data_app.command("shapes")
+def data_shapes(
+    output_dir: Path = typer.Argument(..., help="Folder for images and train.json / test.json."),
+    train: int = typer.Option(2000, "--train", help="Training scenes."),
+    test: int = typer.Option(200, "--test", help="Held-out scenes."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Draw synthetic scenes of 1-4 shapes with captions and questions (LLaVA JSON)."""
+    from ..data.shapes import generate_shapes_dataset
+
+    summary = generate_shapes_dataset(output_dir, n_train=train, n_test=test, seed=seed)
+    print(json.dumps(summary), file=sys.stderr)
+    print(output_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: VispromptError -> one line on stderr and exit 2; other exceptions -> exit 1."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except VispromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors: message + exit 2
+            e.show()
+            return e.exit_code
+        if os.environ.get("VISPROMPT_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (set VISPROMPT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,74 @@
+"""Score a backend on LLaVA-format question/answer records: every reply turn is one question.
+
+Each turn is asked with the gold conversation before it (teacher forcing), so a record with five
+turns gives five independent scores.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.llava import LlavaRecord
+from ..engine.backend import Backend, SamplingParams
+from .metrics import exact_match
+
+
+@dataclass
+class VQAReport:
+    exact_match: float
+    total: int
+    by_kind: dict[str, float] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # first few mistakes, for the log
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exact_match": self.exact_match, "total": self.total, "by_kind": self.by_kind, "mistakes": self.examples}
+
+
+def record_turn_conversations(record: LlavaRecord, image_marker: str = "<image>") -> list[tuple[list[dict], str]]:
+    """(conversation up to turn i's question, gold answer) for every turn of a record."""
+    base: list[dict[str, Any]] = [{"role": "system", "content": record.system}] if record.system else []
+    out = []
+    images = list(record.images)
+    history = list(base)
+    for human, gpt in record.turns:
+        content: list[dict[str, Any]] = []
+        pieces = human.split(image_marker)
+        for k, piece in enumerate(pieces):
+            if k > 0:
+                content.append({"type": "image", "image": images.pop(0)})
+                piece = piece.removeprefix("\n")
+            if piece:
+                content.append({"type": "text", "text": piece})
+        history.append({"role": "user", "content": content})
+        out.append((list(history), gpt))
+        history.append({"role": "assistant", "content": gpt})
+    return out
+
+
+def evaluate_vqa(backend: Backend, records: list[LlavaRecord], batch_size: int = 32, max_new_tokens: int = 48, keep_mistakes: int = 5) -> VQAReport:
+    items = []
+    for rec in records:
+        kinds = rec.extra.get("kinds") or []
+        for i, (conv, gold) in enumerate(record_turn_conversations(rec)):
+            items.append((conv, gold, kinds[i] if i < len(kinds) else "all"))
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    mistakes = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        results = backend.generate([c for c, _, _ in chunk], params)
+        for (conv, gold, kind), res in zip(chunk, results):
+            ok = exact_match(res.text, gold)
+            hits[kind].append(ok)
+            if not ok and len(mistakes) < keep_mistakes:
+                question = conv[-1]["content"][-1].get("text", "") if conv[-1]["content"] else ""
+                mistakes.append({"question": question, "gold": gold, "predicted": res.text})
+    flat = [h for v in hits.values() for h in v]
+    return VQAReport(
+        exact_match=sum(flat) / max(1, len(flat)),
+        total=len(flat),
+        by_kind={k: sum(v) / len(v) for k, v in sorted(hits.items())} if len(hits) > 1 else {},
+        examples=mistakes,
+    )

@@ -1,0 +1,70 @@
+"""The Python API: one object with the same verbs as the CLI, on any backend.
+
+    model = visprompt.load("runs/shapes-tiny")
+    model.ask("scene.png", "What color is the circle?")
+    model.describe(["a.jpg", "b.jpg"])              # batched over lists
+    model.generate([{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                                 {"type": "text", "text": "Any cats?"}]}], temperature=0.7)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..engine.backend import Backend, GenerationResult, SamplingParams, normalize_conversations
+from ..errors import VispromptError
+
+DESCRIBE_PROMPTS = {
+    "brief": "Describe the image.",
+    "detailed": "Describe the image in detail.",
+}
+
+
+def _is_batch(x: Any) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+def user_turn(images: Sequence[Any], text: str) -> dict[str, Any]:
+    return {"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": text}]}
+
+
+class Assistant:
+    def __init__(self, backend: Backend, defaults: SamplingParams | None = None):
+        self.backend = backend
+        self.defaults = defaults or SamplingParams()
+
+    @classmethod
+    def load(cls, ref: str = "starter", device: str = "cpu", **sampling: Any) -> "Assistant":
+        from ..engine.loading import load_backend
+
+        return cls(load_backend(ref, device=device), SamplingParams().updated(**sampling))
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def generate_full(self, conversations: Any, **sampling: Any) -> list[GenerationResult]:
+        convs, _ = normalize_conversations(conversations)
+        return self.backend.generate(convs, self.defaults.updated(**sampling))
+
+    def generate(self, conversations: Any, **sampling: Any) -> str | list[str]:
+        """Reply to one conversation (a list of messages) or to a list of conversations."""
+        convs, single = normalize_conversations(conversations)
+        texts = [r.text for r in self.backend.generate(convs, self.defaults.updated(**sampling))]
+        return texts[0] if single else texts
+
+    def ask(self, image: Any, question: str | Sequence[str], **sampling: Any) -> str | list[str]:
+        """Answer a question about an image. Lists of images (and of questions) run as one batch."""
+        if _is_batch(image):
+            questions = list(question) if _is_batch(question) else [question] * len(image)
+            if len(questions) != len(image):
+                raise VispromptError(f"{len(image)} images but {len(questions)} questions")
+            return self.generate([[user_turn([im], q)] for im, q in zip(image, questions)], **sampling)
+        if _is_batch(question):
+            return self.generate([[user_turn([image], q)] for q in question], **sampling)
+        return self.generate([user_turn([image], question)], **sampling)
+
+    def describe(self, image: Any, style: str = "brief", **sampling: Any) -> str | list[str]:
+        if style not in DESCRIBE_PROMPTS:
+            raise VispromptError(f"style must be one of {', '.join(DESCRIBE_PROMPTS)}, got {style!r}")
+        return self.ask(image, DESCRIBE_PROMPTS[style], **sampling)

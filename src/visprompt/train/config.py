@@ -1,0 +1,113 @@
+"""Training recipes: a YAML file with a `model:` section (VLMConfig fields) and a `train:` section."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from ..models.config import VLMConfig
+
+
+@dataclass
+class TrainConfig:
+    train_data: str = ""  # LLaVA JSON/JSONL
+    eval_data: str = ""  # held-out split for periodic evaluation ("" = none)
+    output_dir: str = "runs/vlm"
+    init_from: str = ""  # start from a saved model folder (e.g. stage 2 after alignment)
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 512
+
+    # Learning rate per part; 0 freezes the part.
+    vision_lr: float = 1e-4
+    connector_lr: float = 1e-3
+    lm_lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's LR
+    grad_clip: float = 1.0
+    augment: bool = False
+
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; slow on CPUs without bf16 units)
+    num_threads: int = 0  # 0: torch default
+    seed: int = 0
+
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_max_records: int = 200
+    eval_batch_size: int = 64
+    save_every: int = 0  # steps; 0: only at the end
+    save_total_limit: int = 2
+
+
+@dataclass
+class Recipe:
+    model: VLMConfig = field(default_factory=VLMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: str, target: Any) -> Any:
+    """Parse a --set value with YAML rules, then check it fits the field's current type."""
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    if isinstance(target, float) and isinstance(parsed, str):
+        try:
+            parsed = float(parsed)  # YAML reads "1e-3" (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(target, bool) and not isinstance(parsed, bool):
+        raise ConfigError(f"expected true/false, got {value!r}")
+    if isinstance(target, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+        parsed = float(parsed)
+    if isinstance(target, (int, float, str)) and not isinstance(target, bool) and not isinstance(parsed, type(target)):
+        if isinstance(target, str):
+            return str(value)
+        raise ConfigError(f"expected a {type(target).__name__}, got {value!r}")
+    return parsed
+
+
+def _apply(obj: Any, key: str, value: Any, section: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    if key not in names:
+        raise ConfigError(f"unknown {section} setting {key!r}")
+    current = getattr(obj, key)
+    setattr(obj, key, _coerce(value, current) if current is not None else (yaml.safe_load(value) if isinstance(value, str) else value))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML and apply `key=value` overrides (`train.lr=...`, `model.lm_layers=2`, or a bare key)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    unknown = set(data) - {"model", "train"}
+    if unknown:
+        raise ConfigError(f"recipe sections must be 'model' and 'train', found {', '.join(sorted(unknown))}")
+    recipe = Recipe(model=VLMConfig.from_dict(data.get("model") or {}), train=TrainConfig())
+    for k, v in (data.get("train") or {}).items():
+        _apply(recipe.train, k, v, "train")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        section, _, name = key.rpartition(".")
+        if not section:
+            in_train = name in {f.name for f in dataclasses.fields(TrainConfig)}
+            section = "train" if in_train else "model"
+        if section not in ("model", "train"):
+            raise ConfigError(f"--set key must start with model. or train., got {key!r}")
+        _apply(getattr(recipe, section), name, value, section)
+    recipe.model.__post_init__()
+    return recipe

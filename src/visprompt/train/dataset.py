@@ -1,0 +1,97 @@
+"""LLaVA records -> training examples: token ids with image placeholders expanded, a loss mask on
+the assistant's replies only, and the record's images."""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from ..data.llava import LlavaRecord
+from ..engine.prompting import encode_training_example
+from ..images import ImagePreprocessor, load_image
+
+IGNORE_INDEX = -100
+LLAVA_IMAGE_MARKER = "<image>"
+
+
+def record_chat(record: LlavaRecord, image_token: str) -> list[dict[str, str]]:
+    chat = [{"role": "system", "content": record.system}] if record.system else []
+    for human, gpt in record.turns:
+        chat.append({"role": "user", "content": human.replace(LLAVA_IMAGE_MARKER, image_token)})
+        chat.append({"role": "assistant", "content": gpt})
+    return chat
+
+
+def record_texts(records: list[LlavaRecord]) -> list[str]:
+    """Text to train a tokenizer on: every turn, plus the chat template's role names."""
+    texts = ["system", "user", "assistant"]
+    for r in records:
+        if r.system:
+            texts.append(r.system)
+        for human, gpt in r.turns:
+            texts.append(human.replace(LLAVA_IMAGE_MARKER, "").strip())
+            texts.append(gpt)
+    return texts
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    images: list[str]
+
+
+class VLMDataset(Dataset):
+    def __init__(self, records: list[LlavaRecord], model, max_length: int, preprocess: ImagePreprocessor, augment: bool = False, seed: int = 0):
+        self.preprocess = preprocess
+        self.augment = augment
+        self.rng = random.Random(seed)
+        self.examples: list[Example] = []
+        tok, cfg = model.tokenizer, model.cfg
+        skipped = 0
+        for rec in records:
+            ids, mask = encode_training_example(tok, record_chat(rec, cfg.image_token))
+            full_ids, full_mask = [], []
+            for t, m in zip(ids, mask):
+                n = cfg.tokens_per_image if t == cfg.image_token_id else 1
+                full_ids.extend([t] * n)
+                full_mask.extend([m] * n)
+            if len(full_ids) > max_length:
+                skipped += 1  # cutting would drop image tokens or answers: skip, and say so
+                continue
+            labels = [t if m else IGNORE_INDEX for t, m in zip(full_ids, full_mask)]
+            self.examples.append(Example(full_ids, labels, list(rec.images)))
+        if skipped:
+            print(f"warning: skipped {skipped} of {len(records)} records longer than max_length={max_length}", file=sys.stderr)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        images = [load_image(p) for p in ex.images]
+        if self.augment:
+            from ..images.preprocess import augment
+
+            images = [augment(im, self.rng) for im in images]
+        pixels = self.preprocess(images) if images else None
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor | None]:
+    """Right-pad to the longest example; images of all examples stacked in batch order."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": torch.cat(pixels) if pixels else None}

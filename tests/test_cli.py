@@ -1,0 +1,77 @@
+"""The command line and the Python API, as a user runs them: output, --json, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+import visprompt
+from visprompt.cli.main import main
+from visprompt.tasks.assistant import Assistant
+
+from test_train import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`visprompt data shapes` then `visprompt train` (a few steps), through the CLI entry point."""
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["data", "shapes", str(root / "data"), "--train", "24", "--test", "4", "--seed", "1"]) == 0
+    recipe = {"model": TINY_MODEL, "train": {"train_data": str(root / "data/train.json"), "eval_data": str(root / "data/test.json"), "batch_size": 8, "max_steps": 2}}
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(root / "r.yaml"), "--output", str(root / "model"), "--set", "lm_lr=1e-3"]) == 0
+    return root
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "visprompt.cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_ask_and_describe_print_the_answer_and_json(trained, capsys):
+    image = str(trained / "data/images/test/00000.png")
+    assert main(["ask", image, "How many shapes are there?", "--model", str(trained / "model"), "--max-new-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert text.endswith("\n") and len(text.splitlines()) == 1
+    assert main(["describe", image, "--model", str(trained / "model"), "--json", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "model", "image"} and isinstance(out["text"], str)
+
+
+def test_bad_input_exits_2_with_one_line(trained, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not a picture")
+    cases = [
+        ["ask", str(not_image), "What is it?", "--model", str(trained / "model")],
+        ["ask", str(tmp_path / "missing.png"), "What is it?", "--model", str(trained / "model")],
+        ["describe", str(not_image), "--model", str(tmp_path / "no-model-here")],
+        ["describe", str(not_image), "--model", "no-such-org/no-such-vlm"],
+        ["describe", str(not_image), "--model", str(trained / "model"), "--style", "poetic"],
+        ["train", str(tmp_path / "missing.yaml")],
+    ]
+    for args in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stdout == ""
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_usage_errors_exit_2():
+    proc = run_cli("ask")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_python_api_batches_over_lists(trained):
+    model = visprompt.load(str(trained / "model"), max_new_tokens=4)
+    assert isinstance(model, Assistant)
+    images = [str(trained / f"data/images/test/{i:05d}.png") for i in range(3)]
+    one = model.ask(images[0], "What color is the circle?")
+    many = model.ask(images, "What color is the circle?")
+    assert isinstance(one, str) and isinstance(many, list) and len(many) == 3
+    assert many[0] == one  # batched greedy equals single
+    assert model.describe(Image.open(images[1])) == model.describe([images[1]])[0]
+    msgs = [{"role": "user", "content": [{"type": "image", "image": images[2]}, {"type": "text", "text": "Count the shapes."}]}]
+    assert isinstance(model.generate(msgs, temperature=0.9, seed=3), str)
+    assert len(model.generate([msgs, msgs])) == 2

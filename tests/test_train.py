@@ -1,0 +1,119 @@
+"""Training: recipes and overrides, loss on answers only, freezing per part, evaluation, checkpoints
+and resume, and a trainer that reads any LLaVA dataset."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from visprompt.errors import ConfigError
+from visprompt.models.vision_language_model import VisionLanguageModel
+from visprompt.train.config import load_recipe
+from visprompt.train.trainer import Trainer, warmup_cosine
+
+TINY_MODEL = dict(
+    vision_type="resnet", vision_hidden_size=32, vision_layers=2, image_size=32,
+    lm_hidden_size=48, lm_layers=2, lm_heads=2, lm_kv_heads=2, lm_max_position=256, tokenizer_vocab_size=400,
+)
+
+
+def write_recipe(tmp_path, data_dir, **train):
+    recipe = {
+        "model": TINY_MODEL,
+        "train": {
+            "train_data": str(data_dir / "train.json"), "eval_data": str(data_dir / "test.json"),
+            "output_dir": str(tmp_path / "run"), "batch_size": 8, "max_steps": 6, "log_every": 2,
+            "vision_lr": 3e-3, "connector_lr": 3e-3, "lm_lr": 3e-3, "eval_max_records": 4, **train,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_overrides_parse_types_and_reject_unknown_keys(tmp_path, shapes_dir):
+    path = write_recipe(tmp_path, shapes_dir)
+    r = load_recipe(path, ["train.lm_lr=0", "model.lm_layers=3", "batch_size=4", "augment=true"])
+    assert r.train.lm_lr == 0.0 and r.model.lm_layers == 3 and r.train.batch_size == 4 and r.train.augment is True
+    for bad in (["train.nope=1"], ["batch_size=many"], ["justakey"], ["model.fusion=telepathy"]):
+        with pytest.raises(ConfigError):
+            load_recipe(path, bad)
+
+
+def test_warmup_then_cosine_schedule():
+    lrs = [warmup_cosine(s, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically after warmup
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_train_evaluates_checkpoints_and_saves_a_loadable_model(tmp_path, shapes_dir):
+    path = write_recipe(tmp_path, shapes_dir, eval_every=3, save_every=3, save_total_limit=1)
+    summary = Trainer(load_recipe(path)).train()
+    out = tmp_path / "run"
+    assert summary["steps"] == 6
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if "loss" in m]
+    eval_rows = [m for m in metrics if "exact_match" in m]
+    assert [m["step"] for m in train_rows] == [2, 4, 6]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert [m["step"] for m in eval_rows] == [3, 6] and 0 <= eval_rows[-1]["exact_match"] <= 1
+    assert eval_rows[-1]["total"] == 16  # 4 records x 4 questions, every reply turn scored
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]  # older ones pruned
+    model = VisionLanguageModel.from_pretrained(out)
+    assert model.cfg.tokens_per_image == 16  # 32 px: stem /4, one stride-2 stage -> 4x4
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, shapes_dir):
+    path = write_recipe(tmp_path, shapes_dir, max_steps=4, save_every=2, eval_data="")
+    Trainer(load_recipe(path)).train()
+    summary = Trainer(load_recipe(path, ["max_steps=6", "resume=true"])).train()
+    assert summary["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 4, 6]  # resumed from checkpoint-2 (checkpoints are mid-run only), logged 4 and 6 again
+
+
+def test_zero_learning_rate_freezes_a_part(tmp_path, shapes_dir):
+    path = write_recipe(tmp_path, shapes_dir, vision_lr=0.0, eval_data="", max_steps=3)
+    recipe = load_recipe(path)
+    trainer = Trainer(recipe)
+    trainer.train()
+    trained = VisionLanguageModel.from_pretrained(tmp_path / "run")
+    # Build the same initial model again (same seed) and compare the vision weights.
+    torch.manual_seed(recipe.train.seed)
+    from visprompt.data.llava import load_llava_records
+    from visprompt.train.dataset import record_texts
+
+    initial = VisionLanguageModel.build(load_recipe(path).model, record_texts(load_llava_records(recipe.train.train_data)))
+    for (n, a), (_, b) in zip(initial.vision.state_dict().items(), trained.vision.state_dict().items()):
+        if "running" not in n and "num_batches" not in n:  # BatchNorm statistics still track the data
+            assert torch.equal(a, b), n
+    assert not torch.equal(initial.connector.state_dict()["net.1.weight"], trained.connector.state_dict()["net.1.weight"])
+
+
+def test_all_parts_frozen_is_a_config_error(tmp_path, shapes_dir):
+    path = write_recipe(tmp_path, shapes_dir, vision_lr=0.0, connector_lr=0.0, lm_lr=0.0)
+    with pytest.raises(ConfigError):
+        Trainer(load_recipe(path)).train()
+
+
+def test_trainer_reads_any_llava_dataset(tmp_path):
+    """Not shapes: photos-like images, multi-image records, a system prompt, a text-only record."""
+    (tmp_path / "img").mkdir()
+    for i, c in enumerate(["red", "navy", "teal"]):
+        Image.new("RGB", (50 + 10 * i, 40), c).save(tmp_path / "img" / f"{i}.jpg")
+    records = [
+        {"id": "a", "image": "img/0.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is the main colour?"}, {"from": "gpt", "value": "Red, mostly."}]},
+        {"id": "b", "image": ["img/1.jpg", "img/2.jpg"], "conversations": [
+            {"from": "system", "value": "Answer in one word."},
+            {"from": "human", "value": "<image>\n<image>\nWhich is darker, first or second?"}, {"from": "gpt", "value": "first"},
+            {"from": "human", "value": "Are they the same colour?"}, {"from": "gpt", "value": "no"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    recipe = {"model": TINY_MODEL, "train": {"train_data": str(tmp_path / "d.json"), "eval_data": str(tmp_path / "d.json"), "output_dir": str(tmp_path / "run"), "batch_size": 2, "max_steps": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    summary = Trainer(load_recipe(tmp_path / "r.yaml")).train()
+    assert summary["steps"] == 2 and summary["eval_total"] == 4
