@@ -31,6 +31,7 @@ from ..sampling import find_stop
 
 DESCRIBE_PREFIX = "The photo most likely shows"
 UNSURE_PREFIX = "The classifier is unsure, but the photo may show"
+MULTI_PREFIX = "Image 1 most likely shows"
 CONFIDENT = 0.25  # top-1 probability from which the classifier counts as fairly sure
 
 SYSTEM_PROMPT = (
@@ -56,7 +57,6 @@ _PLAIN_NAMES: dict[int, str] = {
     282: "tabby cat",
     339: "horse",
     383: "lemur",
-    398: "abacus",
     419: "adhesive bandage",
     459: "bra",
     517: "construction crane",
@@ -79,7 +79,7 @@ _PLAIN_NAMES: dict[int, str] = {
 def _plain_name(index: int, label: str) -> str:
     if index in _PLAIN_NAMES:
         return _PLAIN_NAMES[index]
-    if 151 <= index <= 268 and not re.search(r"dog|hound|terrier|retriever|spaniel|poodle|sheepdog|collie|setter|schnauzer|pinscher|mastiff|bulldog", label, re.I):
+    if 151 <= index <= 268 and not re.search(r"dog|hound|terrier|retriever|spaniel|poodle|sheepdog|collie|setter|schnauzer|pinscher|mastiff|bulldog", label, re.IGNORECASE):
         return f"{label} dog"  # "boxer", "pug", "Saluki": name them as dogs
     return label
 
@@ -178,14 +178,16 @@ class VisualEvidence:
 # ---------------------------------------------------------------------------------------------------
 
 _DESCRIBE_RE = re.compile(
-    r"^\s*(please\s+)?(describe|caption|summari[sz]e|what\s+(is|'s)\s+(in|shown in|going on in)\s+(this|the)\s+(image|photo|picture)"
+    r"\b(describe|description|caption)\b"
+    r"|^\s*(please\s+)?(summari[sz]e|what\s+(is|'s)\s+(in|shown in|going on in)\s+(this|the)\s+(image|photo|picture)"
     r"|what\s+do\s+you\s+see|what\s+does\s+(this|the)\s+(image|photo|picture)\s+show)",
-    re.I,
+    re.IGNORECASE,
 )
 
 
 def is_describe_request(text: str) -> bool:
-    return not text.strip() or bool(_DESCRIBE_RE.match(text))
+    """Whether a request asks for a description (answered with a begun sentence) rather than a question."""
+    return not text.strip() or bool(_DESCRIBE_RE.search(text))
 
 
 def join_prefix(prefix: str, continuation: str) -> str:
@@ -198,6 +200,8 @@ def join_prefix(prefix: str, continuation: str) -> str:
 
 
 def describe_prefix(evidence: list[VisualEvidence]) -> str:
+    if len(evidence) > 1:
+        return MULTI_PREFIX
     return DESCRIBE_PREFIX if all(e.confident for e in evidence) else UNSURE_PREFIX
 
 
@@ -226,19 +230,33 @@ _EXAMPLES: list[tuple[list[tuple[str, float]], list[str], str, str]] = [
 ]
 
 
+# Shown only when a message holds several images: without it the LM describes the last one only.
+_MULTI_EXAMPLE = (
+    [
+        ([("golden retriever", 0.62), ("Labrador retriever", 0.21)], ["green", "yellow"]),
+        ([("pizza", 0.81), ("plate", 0.06)], ["orange", "red", "beige"]),
+    ],
+    "Describe the images.",
+    "a golden retriever, and image 2 most likely shows a pizza.",
+)
+
+
 def _evidence_block(evidence: list[VisualEvidence]) -> str:
     if len(evidence) == 1:
         return evidence[0].to_text()
-    return "\n".join(f"Image {i + 1}: {e.to_text()}" for i, e in enumerate(evidence))
+    return "\n".join(f"Image {i + 1}. {e.to_text()}" for i, e in enumerate(evidence))
 
 
-def _example_messages() -> list[dict[str, str]]:
+def _example_messages(multi_image: bool = False) -> list[dict[str, str]]:
+    examples = [([(labels, colours)], request, answer) for labels, colours, request, answer in _EXAMPLES]
+    if multi_image:
+        examples.append(_MULTI_EXAMPLE)
     msgs = []
-    for labels, colours, request, answer in _EXAMPLES:
-        ev = VisualEvidence(labels, [(c, 0.0) for c in colours])
+    for images, request, answer in examples:
+        evs = [VisualEvidence(labels, [(c, 0.0) for c in colours]) for labels, colours in images]
         if is_describe_request(request):
-            answer = f"{describe_prefix([ev])} {answer}"
-        msgs.append({"role": "user", "content": f"{ev.to_text()}\nRequest: {request}"})
+            answer = f"{describe_prefix(evs)} {answer}"
+        msgs.append({"role": "user", "content": f"{_evidence_block(evs)}\nRequest: {request}"})
         msgs.append({"role": "assistant", "content": answer})
     return msgs
 
@@ -254,7 +272,7 @@ def build_chat(conversation: Conversation, evidence: list[list[VisualEvidence]])
     chat: list[dict[str, str]] = []
     if has_images:
         chat.append({"role": "system", "content": " ".join([SYSTEM_PROMPT, *system]).strip()})
-        chat.extend(_example_messages())
+        chat.extend(_example_messages(multi_image=any(len(ev) > 1 for ev in evidence)))
     elif system:
         chat.append({"role": "system", "content": " ".join(system)})
     last_user_evidence: list[VisualEvidence] = []
@@ -333,7 +351,10 @@ class StarterBackend:
         if self._lm is None:
             with self._lock:
                 if self._lm is None:
-                    from ...models.gguf import load_gguf_causal_lm, packaged_smollm2_path
+                    from ...models.gguf import (
+                        load_gguf_causal_lm,
+                        packaged_smollm2_path,
+                    )
 
                     self._set_lm(*load_gguf_causal_lm(*packaged_smollm2_path(), cache_dir=self.cache_dir))
 
@@ -401,9 +422,9 @@ class StarterBackend:
     def _stop_ids(self) -> list[int]:
         tok = self.tokenizer
         ids = {tok.eos_token_id}
-        for t in ("<|im_end|>", "<|endoftext|>"):
+        for t in ("<|im_end|>", "<|endoftext|>"):  # ChatML's end of turn, and the end of text
             i = tok.convert_tokens_to_ids(t)
-            if isinstance(i, int) and i != tok.unk_token_id:
+            if isinstance(i, int) and tok.convert_ids_to_tokens(i) == t:
                 ids.add(i)
         gen_eos = self.lm.generation_config.eos_token_id
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -421,18 +442,18 @@ class StarterBackend:
         input_ids = enc["input_ids"].to(self.device)  # [B, T], left padded
         attention_mask = enc["attention_mask"].to(self.device)  # [B, T]
         stop_ids = self._stop_ids()
-        cfg: dict[str, Any] = dict(
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tok.pad_token_id,
-            do_sample=not params.greedy,
-        )
+        cfg: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "eos_token_id": stop_ids,
+            "pad_token_id": tok.pad_token_id,
+            "do_sample": not params.greedy,
+        }
         if not params.greedy:
             cfg.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         if params.stop:
             cfg["stop_strings"] = list(params.stop)
         gen_config = GenerationConfig(**cfg)
-        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "generation_config": gen_config}
         if params.stop:
             kwargs["tokenizer"] = tok
         if params.greedy or params.seed is None:
@@ -445,7 +466,7 @@ class StarterBackend:
         new = out[:, input_ids.shape[1] :].tolist()  # [B, new]
 
         results = []
-        for row, (prompt_text, prefix), mask in zip(new, prompts, attention_mask.tolist()):
+        for row, (_, prefix), mask in zip(new, prompts, attention_mask.tolist()):
             end = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
             ids = row[:end]
             text = tok.decode(ids, skip_special_tokens=True)
