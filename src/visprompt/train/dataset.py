@@ -18,8 +18,9 @@ IGNORE_INDEX = -100
 LLAVA_IMAGE_MARKER = "<image>"
 
 
-def record_chat(record: LlavaRecord, image_token: str) -> list[dict[str, str]]:
-    chat = [{"role": "system", "content": record.system}] if record.system else []
+def record_chat(record: LlavaRecord, image_token: str, default_system: str = "") -> list[dict[str, str]]:
+    system = record.system or default_system
+    chat = [{"role": "system", "content": system}] if system else []
     for human, gpt in record.turns:
         chat.append({"role": "user", "content": human.replace(LLAVA_IMAGE_MARKER, image_token)})
         chat.append({"role": "assistant", "content": gpt})
@@ -54,7 +55,7 @@ class VLMDataset(Dataset):
         tok, cfg = model.tokenizer, model.cfg
         skipped = 0
         for rec in records:
-            ids, mask = encode_training_example(tok, record_chat(rec, cfg.image_token))
+            ids, mask = encode_training_example(tok, record_chat(rec, cfg.image_token, cfg.system_prompt))
             full_ids, full_mask = [], []
             for t, m in zip(ids, mask):
                 n = cfg.tokens_per_image if t == cfg.image_token_id else 1

@@ -41,6 +41,15 @@ def freeze_parts(model: VisionLanguageModel, lrs: dict[str, float]) -> dict[str,
     return counts
 
 
+def train_mode(model: VisionLanguageModel, lrs: dict[str, float]) -> None:
+    """Training mode for trained parts; frozen parts stay in eval mode so their BatchNorm statistics
+    and dropout stay as pretrained (a frozen CNN must not drift on the new data)."""
+    model.train()
+    for part, lr in lrs.items():
+        if lr <= 0:
+            model.part(part).eval()
+
+
 def build_optimizer(model: VisionLanguageModel, lrs: dict[str, float], weight_decay: float) -> torch.optim.AdamW:
     groups = []
     for part, lr in lrs.items():
@@ -122,7 +131,6 @@ class Trainer:
 
         resume_from = self._latest_checkpoint() if tc.resume else None
         model = VisionLanguageModel.from_pretrained(resume_from) if resume_from else self._build_model(train_records)
-        model.train()
         cfg = model.cfg
         preprocess = ImagePreprocessor(cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resize_mode)
         dataset = VLMDataset(train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed)
@@ -134,6 +142,8 @@ class Trainer:
 
         lrs = {"vision": tc.vision_lr, "connector": tc.connector_lr, "lm": tc.lm_lr}
         counts = freeze_parts(model, lrs)
+        self.lrs = lrs
+        train_mode(model, lrs)
         optimizer = build_optimizer(model, lrs, tc.weight_decay)
         steps_per_epoch = max(1, len(loader) // tc.grad_accum)
         total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
@@ -232,7 +242,7 @@ class Trainer:
             msg += " (" + ", ".join(f"{k} {v:.0%}" for k, v in report.by_kind.items()) + ")"
         print(msg, file=sys.stderr, flush=True)
         self.eval_seconds += time.time() - t0
-        model.train()
+        train_mode(model, self.lrs)
         return result
 
     def _save_checkpoint(self, model, optimizer, step: int) -> None:
