@@ -158,8 +158,22 @@ def data_mnist(
     print(output_dir)
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars ("Loading weights ...") would bury the answer's one line on stderr."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: VispromptError -> one line on stderr and exit 2; other exceptions -> exit 1."""
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except VispromptError as e:

@@ -94,7 +94,7 @@ class VisionEncoder(nn.Module):
         if model_type in PACKAGED:
             from .efficientnet_lite import EfficientNetLiteEncoder
 
-            return cls(EfficientNetLiteEncoder.build(pretrained=False), model_type)
+            return cls(EfficientNetLiteEncoder.from_packaged(), model_type)  # 17 MB; then overwritten by the checkpoint
         from transformers import AutoConfig
 
         config = AutoConfig.for_model(model_type, **vc)

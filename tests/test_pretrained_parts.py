@@ -1,0 +1,50 @@
+"""Real packaged weights as VLM parts (slow: loads EfficientNet-Lite0 / SmolLM2; still runs in CI)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TEXTS
+from visprompt.data.mnist import generate_mnist_dataset, load_mnist
+from visprompt.models.config import VLMConfig
+from visprompt.models.vision_language_model import VisionLanguageModel
+
+
+def test_mnist_dataset_holds_out_a_test_split(tmp_path):
+    images, labels = load_mnist()
+    assert images.shape == (5000, 28, 28) and set(labels.tolist()) == set(range(10))
+    summary = generate_mnist_dataset(tmp_path, n_test=1000, seed=0)
+    assert (summary["train"], summary["test"]) == (4000, 1000)
+    train = json.loads((tmp_path / "train.json").read_text())
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert train[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert {r["conversations"][1]["value"] for r in test} == {str(d) for d in range(10)}
+    assert (tmp_path / train[0]["image"]).is_file()
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_as_prefix_encoder_round_trips(tmp_path):
+    cfg = VLMConfig(vision_source="efficientnet-lite0", image_size=128, connector_pixel_shuffle=2,
+                    lm_hidden_size=32, lm_layers=1, lm_heads=2, lm_kv_heads=1, tokenizer_vocab_size=300)
+    model = VisionLanguageModel.build(cfg, TEXTS).eval()
+    assert cfg.tokens_per_image == 4  # 128 px -> 4x4 map -> pixel shuffle 2 -> 2x2
+    assert cfg.image_mean == pytest.approx((127 / 255,) * 3)  # the encoder's own normalisation
+    x = torch.randn(2, 3, 128, 128)
+    feats = model.encode_images(x)
+    assert feats.shape == (2, 4, 32)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(VisionLanguageModel.from_pretrained(tmp_path).encode_images(x), feats)
+
+
+@pytest.mark.slow
+def test_smollm2_as_language_model_keeps_its_chat_template(tmp_path):
+    cfg = VLMConfig(vision_type="vit", vision_hidden_size=32, vision_layers=1, vision_heads=2, image_size=32, lm_source="smollm2-135m")
+    model = VisionLanguageModel.build(cfg)
+    tok = model.tokenizer
+    assert "<image>" in tok.get_vocab() and cfg.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert model.lm.get_input_embeddings().num_embeddings >= len(tok)
+    text = tok.apply_chat_template([{"role": "user", "content": "<image>\nhi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(cfg.image_token_id) == 1
