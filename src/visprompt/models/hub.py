@@ -1,8 +1,9 @@
 """Turn a model reference (local folder or hub id) into a local folder, with one clear error.
 
-The hub is the main way in: a hub id is looked up in the local Hugging Face cache first and only
-then downloaded. When neither works (offline machine, typo), the user gets one line that says what
-to do instead of a network traceback.
+A hub id is looked up in the local Hugging Face cache; `visprompt pull` (or `allow_download=True`,
+or VISPROMPT_ALLOW_DOWNLOAD=1) fetches it. Loading never reaches for the network by surprise: on an
+offline machine the hub client retries for tens of seconds before failing, so a missing model gives
+one line that says what to do, at once, instead of a network traceback after a wait.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def looks_like_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
 
 
-def resolve_model_path(ref: str | os.PathLike, *, allow_download: bool = True) -> Path:
+def resolve_model_path(ref: str | os.PathLike, *, allow_download: bool | None = None) -> Path:
     """A local folder for `ref`: the folder itself, the cached snapshot, or a fresh download."""
     path = Path(os.path.expanduser(str(ref)))
     if path.is_dir():
@@ -35,6 +36,8 @@ def resolve_model_path(ref: str | os.PathLike, *, allow_download: bool = True) -
         return Path(snapshot_download(ref, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
     except Exception:
         pass
+    if allow_download is None:
+        allow_download = os.environ.get("VISPROMPT_ALLOW_DOWNLOAD", "0") in ("1", "true", "True")
     if allow_download and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
         try:
             return Path(snapshot_download(ref, allow_patterns=MODEL_FILE_PATTERNS, etag_timeout=5))
