@@ -287,3 +287,11 @@ def test_save_roundtrip(images):
         for r in recs:
             r.images = [str(Path(p).resolve()) for p in r.images]
         assert loaded == recs
+
+
+def test_restricted_kinds_never_give_an_empty_record(tmp_path):
+    from visprompt.data.llava import load_llava_records
+
+    generate_shapes_dataset(tmp_path, n_train=60, n_test=10, seed=1, kinds=["color", "shape"], max_objects=2, questions_per_image=2)
+    records = load_llava_records(tmp_path / "train.json")
+    assert len(records) == 60 and all(r.turns for r in records)

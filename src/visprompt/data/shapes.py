@@ -437,15 +437,18 @@ def _generate_split(
             scene = sample_scene(rng, max_objects)
             sig = scene.signature()
             # Test scenes must be new (vs train and vs each other); train may repeat scenes.
-            if forbidden is None or (sig not in forbidden and sig not in signatures):
+            if forbidden is not None and (sig in forbidden or sig in signatures):
+                continue
+            # With few kinds allowed, a scene may admit no unambiguous question: draw another.
+            qas = make_questions(scene, rng, questions_per_image, kinds, kind_counts)
+            if qas:
                 break
         else:
-            raise DatasetError(f"could not find {n} {split} scenes distinct from the training scenes")
+            raise DatasetError(f"could not find {n} {split} scenes distinct from the training scenes with a question to ask")
         signatures.add(sig)
         image, scene_meta = render_scene(scene, rng, image_size)
         name = f"{i:0{width}d}.png"
         image.save(image_dir / name, format="PNG", optimize=False)
-        qas = make_questions(scene, rng, questions_per_image, kinds, kind_counts)
         conversations = []
         for j, (_kind, question, answer) in enumerate(qas):
             conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + question})
