@@ -41,7 +41,12 @@ def generate_ids(
     """Decode every prompt in one batch.
 
     model: a VisionLanguageModel (its forward takes input_ids + image_embeds).
-    image_embeds: [n_images, N, D] for all placeholders of all prompts, in row-major prompt order.
+    image_embeds: [n_images, N, D] for all images of all prompts, in row-major prompt order.
+
+    The same loop serves every fusion: the model's forward returns next-token scores (logits, or
+    log-probabilities for a multi-image mixture) and an opaque cache it reads back (the LM's KV cache
+    for prefix fusion; CrossAttentionCache / MixtureCache, which also hold image keys and branch
+    masks, for the others).
     """
     device = model.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]

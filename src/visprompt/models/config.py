@@ -33,6 +33,7 @@ class VLMConfig:
     vision_patch_size: int = 8
     vision_feature_layer: int = -1  # which hidden state of a transformer encoder feeds the connector
     vision_config: dict[str, Any] | None = None  # the built encoder's transformers config
+    vision_num_patches: int = 0  # patch tokens per image out of the encoder (filled in at build)
     # Input size and normalisation; 0 / () take the pretrained encoder's own (64 px, 0.5/0.5 for scratch).
     image_size: int = 0
     image_mean: tuple[float, ...] = ()
@@ -46,7 +47,22 @@ class VLMConfig:
     connector_dropout: float = 0.0
 
     # --- fusion ---------------------------------------------------------------------------
+    # prefix: image tokens overwrite placeholder embeddings (LLaVA, nanoVLM).
+    # cross_attention: gated cross-attention blocks before every xattn_every-th decoder layer
+    #   (Flamingo); the prompt holds ONE placeholder per image, marking where the image sits.
+    # mixture: one prefix-fusion branch per image, mixed per token by a learned text->image score.
     fusion: str = "prefix"
+    xattn_every: int = 1  # a cross-attention block before decoder layers N-1, 2N-1, ... (OpenFlamingo)
+    xattn_heads: int = 0  # 0: the LM's number of attention heads
+    xattn_ff_mult: int = 4  # width of the gated feed-forward, in multiples of the LM's hidden size
+    # Initial value of the tanh gates. 0 (Flamingo): the untrained model IS the LM, right for a
+    # pretrained vision encoder; but the gate also scales every gradient reaching the image side, so
+    # an encoder trained from scratch gets none at 0: start such models at e.g. 0.5.
+    xattn_gate_init: float = 0.0
+    resampler_latents: int = 0  # > 0: a Perceiver resampler turns each image into this many latents
+    resampler_depth: int = 2
+    mixture_max_images: int = 8  # learned score bias per image index (later images share the last)
+    image_feature_tokens: int = 0  # filled in: tokens per image the fusion reads (connector/resampler output)
 
     # --- language model -------------------------------------------------------------------
     lm_source: str = "scratch"  # "scratch" | hub id | folder | "smollm2-135m"
@@ -63,12 +79,21 @@ class VLMConfig:
     # --- tokenizer and prompt -------------------------------------------------------------
     tokenizer_vocab_size: int = 1024  # for a tokenizer trained on the data
     image_token: str = "<image>"
+    system_prompt: str = ""  # used when a conversation has no system message, in training and generation
     image_token_id: int = -1  # filled in once the tokenizer exists
-    tokens_per_image: int = 0  # filled in once the encoder and connector exist
+    # Placeholder tokens per image in the prompt, filled in once the encoder and connector exist:
+    # the connector's output length for prefix/mixture, 1 for cross_attention.
+    tokens_per_image: int = 0
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        for name in ("xattn_every", "mixture_max_images", "xattn_ff_mult", "resampler_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("xattn_heads", "resampler_latents"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
 

@@ -29,7 +29,7 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
 class ModalityProjector(nn.Module):
     """Optional pixel shuffle, then a 2-layer MLP with GELU (LLaVA's `mlp2x_gelu`)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int = 0, pixel_shuffle_factor: int = 1, dropout: float = 0.0):
+    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int = 0, pixel_shuffle_factor: int = 1, dropout: float = 0.0, output_scale: float = 1.0, num_patches: int = 0):
         super().__init__()
         self.pixel_shuffle_factor = pixel_shuffle_factor
         in_dim = vision_dim * pixel_shuffle_factor**2
@@ -41,10 +41,27 @@ class ModalityProjector(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden_dim, lm_dim),
         )
+        # Image tokens come out at the scale of the LM's own token embeddings (`output_scale` is
+        # their RMS). Unnormalised, the MLP's output drifts to a large, nearly image-independent
+        # vector that the LM learns to treat as a constant, and a model trained from scratch never
+        # starts to look at the image.
+        self.out_norm = nn.LayerNorm(lm_dim)
+        # A learned position per output token. CNN features carry no absolute position, and the LM's
+        # rotary positions are relative to the question's length, so without this "which token is
+        # the top-left region" is hard to learn (positions, reading-order captions, relations).
+        n_out = num_patches // pixel_shuffle_factor**2 if num_patches else 0
+        self.position = nn.Parameter(torch.randn(n_out, lm_dim) * output_scale) if n_out else None
+        with torch.no_grad():
+            self.out_norm.weight.fill_(output_scale)
 
     def output_tokens(self, num_patches: int) -> int:
         return num_patches // self.pixel_shuffle_factor**2
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         # patches: [B, N, Dv] -> [B, N / r^2, D_lm]
-        return self.net(pixel_shuffle(patches, self.pixel_shuffle_factor))
+        tokens = self.out_norm(self.net(pixel_shuffle(patches, self.pixel_shuffle_factor)))  # [B, N', D_lm]
+        if self.position is not None:
+            if tokens.shape[1] != self.position.shape[0]:
+                raise ConfigError(f"the encoder gave {tokens.shape[1]} tokens, the connector was built for {self.position.shape[0]} (image size changed?)")
+            tokens = tokens + self.position
+        return tokens

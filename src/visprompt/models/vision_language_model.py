@@ -1,8 +1,18 @@
-"""VisionLanguageModel: vision encoder -> connector -> language model, with prefix fusion.
+"""VisionLanguageModel: vision encoder -> connector -> language model, with one of three fusions.
 
 Prefix fusion (LLaVA, nanoVLM): the prompt holds `tokens_per_image` placeholder tokens per image;
 their input embeddings are overwritten by the connector's outputs, so the LM reads image tokens
 through its ordinary self-attention.
+
+Cross-attention fusion (Flamingo, models/cross_attention.py): ONE placeholder per image marks where it
+sits; gated cross-attention blocks in front of the decoder layers read the image features.
+
+Mixture fusion (models/mixture.py): one prefix-fusion branch per image, mixed per token; the forward
+returns the mixture's log-probabilities as logits.
+
+Whatever the fusion, `forward` takes the same arguments and returns logits and an opaque cache to
+pass back, so one decode loop (engine/generation.py) serves all three. The fusion's own weights
+(`fusion.*`) belong to the "connector" part for freezing and learning rates.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from torch import nn
 
 from ..errors import ConfigError, ModelNotFoundError
 from .config import VLMConfig
+from .cross_attention import CrossAttentionFusion
 from .language_model import build_language_model, language_model_from_config, lm_config_dict
+from .mixture import MixtureFusion
 from .modality_projector import ModalityProjector
 from .tokenizer import prepare_tokenizer, train_tokenizer
 from .vision_encoder import VisionEncoder
@@ -33,6 +45,7 @@ class VLMOutput:
     logits: torch.Tensor  # [B, T, V] (or [B, k, V] with logits_to_keep=k)
     loss: torch.Tensor | None = None
     past_key_values: Any = None
+    mixture_weights: torch.Tensor | None = None  # [B, T, J] a_ij of mixture fusion with several images
 
 
 def _skip_init():
@@ -48,8 +61,6 @@ def _skip_init():
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: VLMConfig, vision: VisionEncoder, connector: ModalityProjector, lm: nn.Module, tokenizer):
         super().__init__()
-        if cfg.fusion != "prefix":
-            raise ConfigError(f"fusion {cfg.fusion!r} is not available yet; use fusion: prefix")
         self.cfg = cfg
         self.vision = vision
         self.connector = connector
@@ -57,6 +68,7 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         # transformers 5.2x renamed past_key_values -> cache; accept either version.
         self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self.fusion = _build_fusion(cfg, lm)  # None for prefix fusion
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -76,10 +88,16 @@ class VisionLanguageModel(nn.Module):
 
         vision = VisionEncoder.build(cfg)
         lm_dim = lm.get_input_embeddings().embedding_dim
-        connector = ModalityProjector(vision.hidden_size, lm_dim, cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout)
-        with torch.no_grad():  # one dry run tells how many tokens an image becomes
-            dummy = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
-            cfg.tokens_per_image = connector(vision.eval()(dummy)).shape[1]
+        text_rms = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+        with torch.no_grad():  # one dry run tells how many patch tokens an image becomes
+            cfg.vision_num_patches = vision.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+        connector = ModalityProjector(vision.hidden_size, lm_dim, cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, output_scale=text_rms, num_patches=cfg.vision_num_patches)
+        n_tokens = connector.output_tokens(cfg.vision_num_patches)
+        if cfg.fusion == "cross_attention":
+            cfg.tokens_per_image = 1  # one placeholder marks the image's place; the blocks read its features
+            cfg.image_feature_tokens = cfg.resampler_latents or n_tokens
+        else:
+            cfg.tokens_per_image = cfg.image_feature_tokens = n_tokens
         return cls(cfg, vision, connector, lm, tokenizer)
 
     @classmethod
@@ -93,7 +111,7 @@ class VisionLanguageModel(nn.Module):
         tokenizer = _load_tokenizer(folder)
         with _skip_init():
             vision = VisionEncoder.from_config(cfg)
-            connector = ModalityProjector(vision.hidden_size, cfg.lm_config["hidden_size"], cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout)
+            connector = ModalityProjector(vision.hidden_size, cfg.lm_config["hidden_size"], cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, num_patches=cfg.vision_num_patches)
             lm = language_model_from_config(cfg.lm_config)
         model = cls(cfg, vision, connector, lm, tokenizer)
         # safetensors stores a tied tensor once under one of its names: tie first, so loading that
@@ -116,8 +134,12 @@ class VisionLanguageModel(nn.Module):
 
     # -- freezing --------------------------------------------------------------------------------
     def part(self, name: str) -> nn.Module:
+        """The modules of one part; the fusion's own weights (cross-attention blocks, resampler,
+        mixture scorer) count as "connector", so freezing and per-part LRs cover them."""
         if name not in PARTS:
             raise ConfigError(f"unknown model part {name!r}; parts are {', '.join(PARTS)}")
+        if name == "connector" and self.fusion is not None:
+            return nn.ModuleList([self.connector, self.fusion])
         return getattr(self, name)
 
     def trainable_parameters(self) -> dict[str, int]:
@@ -129,11 +151,14 @@ class VisionLanguageModel(nn.Module):
         return next(self.parameters()).device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [n_images, 3, H, W] -> image embeddings [n_images, tokens_per_image, D_lm]
-        return self.connector(self.vision(pixel_values))
+        # pixel_values: [n_images, 3, H, W] -> image embeddings [n_images, image_feature_tokens, D_lm]
+        features = self.connector(self.vision(pixel_values))
+        if isinstance(self.fusion, CrossAttentionFusion):
+            features = self.fusion.encode(features)  # the resampler, when there is one
+        return features
 
     def expand_image_placeholders(self, ids: list[int]) -> list[int]:
-        """Each image placeholder id becomes tokens_per_image copies of itself."""
+        """Each image placeholder id becomes tokens_per_image copies of itself (1 for cross-attention)."""
         out: list[int] = []
         for t in ids:
             out.extend([t] * self.cfg.tokens_per_image if t == self.cfg.image_token_id else [t])
@@ -165,8 +190,26 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
     ) -> VLMOutput:
+        """Logits (mixture fusion with several images: log-probabilities) and, with use_cache, a cache
+        to pass back as past_key_values; its type depends on the fusion."""
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_images(pixel_values)
+        weights = None
+        args = (input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep)
+        if self.fusion is None:
+            logits, cache = self._prefix_forward(*args)
+        elif isinstance(self.fusion, MixtureFusion):
+            logits, cache, weights = self.fusion.run(self, *args)
+        else:
+            logits, cache = self.fusion.run(self, *args)
+        loss = None
+        if labels is not None:
+            # Next-token loss: position t predicts token t+1; -100 marks tokens with no loss.
+            shifted = logits[:, :-1].float()  # [B, T-1, V]
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return VLMOutput(logits, loss, cache, weights)
+
+    def _prefix_forward(self, input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep):
         embeds = self.embed(input_ids, image_embeds)  # [B, T, D]
         out = self.lm(
             inputs_embeds=embeds,
@@ -176,13 +219,21 @@ class VisionLanguageModel(nn.Module):
             logits_to_keep=logits_to_keep,
             **{self._cache_arg: past_key_values},
         )
-        loss = None
-        if labels is not None:
-            # Next-token loss: position t predicts token t+1; -100 marks tokens with no loss.
-            logits = out.logits[:, :-1].float()  # [B, T-1, V]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        cache = out.get(self._cache_arg) if use_cache else None
-        return VLMOutput(out.logits, loss, cache)
+        return out.logits, (out.get(self._cache_arg) if use_cache else None)
+
+
+def _build_fusion(cfg: VLMConfig, lm: nn.Module) -> nn.Module | None:
+    if cfg.fusion == "prefix":
+        return None
+    dim = lm.get_input_embeddings().embedding_dim
+    if cfg.fusion == "mixture":
+        return MixtureFusion(dim, cfg.mixture_max_images)
+    if cfg.image_feature_tokens < 1:
+        raise ConfigError("image_feature_tokens is not set: build the model with VisionLanguageModel.build")
+    heads = cfg.xattn_heads or getattr(lm.config, "num_attention_heads", 0) or getattr(lm.config, "n_head", 0)
+    if not heads:
+        raise ConfigError("set xattn_heads: the LM's config does not say how many attention heads it has")
+    return CrossAttentionFusion(lm, dim, cfg.image_feature_tokens, cfg.xattn_every, heads, cfg.xattn_ff_mult, cfg.resampler_latents, cfg.resampler_depth, cfg.xattn_gate_init)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
