@@ -114,3 +114,15 @@ def test_invalid_sampling_params_are_clear_errors():
     for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2}):
         with pytest.raises(VispromptError):
             SamplingParams(**bad)
+
+
+def test_model_system_prompt_is_used_when_the_conversation_has_none(tiny_model):
+    """A model trained with a default system prompt sees it at generation time too."""
+    tiny_model.cfg.system_prompt = "Answer with one word."
+    backend = OwnVLMBackend(tiny_model)
+    tok = tiny_model.tokenizer
+    plain = backend.encode_prompts(CONVS[:1])[0][0]
+    assert "Answer with one word." in tok.decode(plain)
+    own_system = [{"role": "system", "content": "Be brief."}, *CONVS[0]]
+    text = tok.decode(backend.encode_prompts([own_system])[0][0])
+    assert "Be brief." in text and "Answer with one word." not in text

@@ -26,9 +26,14 @@ def render_content(message: dict[str, Any], image_token: str) -> tuple[str, list
     return text.rstrip("\n") if text.endswith(image_token + "\n") else text, images
 
 
-def to_chat(conversation: Conversation, image_token: str) -> tuple[list[dict[str, str]], list[Any]]:
-    """Messages with string content (for a text chat template) and the images in prompt order."""
+def to_chat(conversation: Conversation, image_token: str, default_system: str = "") -> tuple[list[dict[str, str]], list[Any]]:
+    """Messages with string content (for a text chat template) and the images in prompt order.
+
+    `default_system` (the model's own, as trained) is used when the conversation brings none.
+    """
     chat, images = [], []
+    if default_system and not (conversation and conversation[0].get("role") == "system"):
+        chat.append({"role": "system", "content": default_system})
     for m in conversation:
         role = m.get("role")
         if role not in ("system", "user", "assistant"):
