@@ -1,48 +1,224 @@
-"""Backend for visprompt's own VisionLanguageModel folders."""
+"""Backend for visprompt's own VisionLanguageModel folders.
+
+By default generation runs on the fast runtime: the lean fp32 decoder (`engine/fast_decode.py`)
+under the continuous-batching scheduler (`engine/scheduler.py`), with an image-feature cache and a
+prefix KV cache (`engine/caches.py`). It gives the same tokens as the reference path
+(`engine/generation.py`, transformers' forward with its KV cache), which is still used when the fast
+path cannot reproduce the model (cross-attention or mixture fusion, an architecture other than
+Llama/Mistral/Qwen2, adapters or hooks inside the LM) or when asked for (`fast=False`,
+`use_cache=False`).
+
+`quantize="q8_0" | "q4_1" | "q4_0"` runs the language model in llama.cpp instead (engine/quantized.py;
+needs llama-cpp-python), behind a quality gate: greedy agreement with the fp32 decoder on a fixed
+prompt set must reach `quality_threshold`, else the backend warns and stays on fp32. It is opt-in,
+because its output is close to fp32's, not equal.
+
+Caches are keyed by content and checked against the weights' version counters, so training the
+model in place (an optimizer step) or loading new weights empties them instead of serving stale
+features.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from ...images import ImagePreprocessor, load_image
+from ...images import ImagePreprocessor, image_fingerprint, load_image
 from ...models.tokenizer import stop_token_ids
 from ...models.vision_language_model import VisionLanguageModel
 from ..backend import Conversation, GenerationResult, SamplingParams
+from ..caches import MiB, ImageFeatureCache, PrefixKVCache
 from ..generation import generate_ids
 from ..prompting import encode_chat, to_chat
 
 
+GATE_QUESTIONS = (
+    "What is the capital of France?",
+    "Describe a sunny day at the beach.",
+    "List three colors and one object of each color.",
+    "Write two sentences about a cat.",
+)
+
+
+def _weights_version(module: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or modified in place."""
+    params = list(module.parameters())
+    return (tuple(id(p) for p in params), sum(p._version for p in params))
+
+
 class OwnVLMBackend:
-    def __init__(self, model: VisionLanguageModel, name: str = "visprompt"):
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        name: str = "visprompt",
+        fast: bool = True,
+        max_batch: int = 16,
+        image_cache_bytes: int = 64 * MiB,
+        prefix_cache_bytes: int = 256 * MiB,
+        quantize: str | None = None,
+        quality_threshold: float = 0.95,
+        gate_conversations: Sequence[Conversation] | None = None,
+    ):
         self.model = model.eval()
         self.name = name
         cfg = model.cfg
         self.preprocess = ImagePreprocessor(cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resize_mode)
         self.stop_ids = stop_token_ids(model.tokenizer)
+        self.fast = fast
+        self.max_batch = max_batch
+        self.image_cache = ImageFeatureCache(image_cache_bytes)
+        self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
+        self.quantize = quantize
+        self.quality_threshold = quality_threshold
+        self.gate_conversations = list(gate_conversations) if gate_conversations is not None else None
+        self.quality = None  # the quantized path's Agreement, once measured
+        self.decoder_kind = None  # "fp32" or the quantization in use, once the scheduler exists
+        self._scheduler = None
+        self._lm_version: tuple | None = None
+        self._vision_version: tuple | None = None
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "OwnVLMBackend":
-        return cls(VisionLanguageModel.from_pretrained(folder, device=device), name=str(folder))
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu", **kwargs) -> "OwnVLMBackend":
+        return cls(VisionLanguageModel.from_pretrained(folder, device=device), name=str(folder), **kwargs)
+
+    # -- the fast path --------------------------------------------------------------------------
+    def fast_path_reason(self) -> str | None:
+        """None when the fast runtime reproduces this model; otherwise why it is not used."""
+        from ..fast_decode import unsupported_reason
+
+        if not self.fast:
+            return "disabled (fast=False)"
+        if getattr(self.model.cfg, "fusion", "prefix") != "prefix" or getattr(self.model, "fusion", None) is not None:
+            return f"fusion {self.model.cfg.fusion!r}"
+        return unsupported_reason(self.model.lm)
+
+    @property
+    def scheduler(self):
+        """The continuous-batching scheduler over the fast decoder (built on first use, rebuilt when
+        the LM's weights change)."""
+        from ..fast_decode import FastLM
+        from ..scheduler import Scheduler
+
+        version = _weights_version(self.model.lm)
+        if self._scheduler is None or version != self._lm_version:
+            if self._scheduler is not None and self._scheduler.has_work:
+                raise RuntimeError("the language model's weights changed while requests were running")
+            self.prefix_cache.clear()
+            decoder = self._quantized_decoder() if self.quantize else None
+            self.decoder_kind = self.quantize if decoder is not None else "fp32"
+            if decoder is None:
+                decoder = FastLM(self.model.lm, max_batch=self.max_batch)
+            self._scheduler = Scheduler(
+                decoder,
+                self.model.embed,
+                self.model.tokenizer,
+                self.stop_ids,
+                image_token_id=self.model.cfg.image_token_id,
+                prefix_cache=self.prefix_cache,
+            )
+            self._lm_version = version
+        return self._scheduler
+
+    def _quantized_decoder(self):
+        """A LlamaCppLM that passed the quality gate, or None (with a warning) to stay on fp32."""
+        from ..fast_decode import FastLM
+        from ..quantized import LlamaCppLM, QuantizedUnavailable, agreement, cached_gguf
+
+        try:
+            decoder = LlamaCppLM(cached_gguf(self.model.lm, self.quantize), max_batch=self.max_batch)
+        except QuantizedUnavailable as exc:
+            warnings.warn(f"quantize={self.quantize!r} unavailable, staying on fp32: {exc}", stacklevel=3)
+            return None
+        with torch.inference_mode():
+            prompts = [self.model.embed(torch.tensor([p]), e)[0] for p, e, _ in self.encode_requests(self._gate_set())]
+        self.quality = agreement(FastLM(self.model.lm, max_batch=1, packed=False), decoder, prompts, n_tokens=32)
+        if not self.quality.passes(self.quality_threshold):
+            warnings.warn(
+                f"quantize={self.quantize!r} agrees with fp32 on {100 * self.quality.teacher_forced:.1f}% of greedy tokens, "
+                f"under the {100 * self.quality_threshold:.0f}% gate: staying on fp32",
+                stacklevel=3,
+            )
+            decoder.close()
+            return None
+        return decoder
+
+    def _gate_set(self) -> list[Conversation]:
+        if self.gate_conversations is not None:
+            return self.gate_conversations
+        return [[{"role": "user", "content": q}] for q in GATE_QUESTIONS]
+
+    # -- prompts and images ---------------------------------------------------------------------
+    def _check_vision_version(self) -> None:
+        version = _weights_version(torch.nn.ModuleList([self.model.vision, self.model.connector]))
+        if version != self._vision_version:
+            self.image_cache.clear()
+            self._vision_version = version
+
+    def encode_images(self, images: list) -> tuple[torch.Tensor | None, list[str]]:
+        """Embeddings [n, tokens_per_image, D] of PIL images (cached by content) and their fingerprints."""
+        if not images:
+            return None, []
+        self._check_vision_version()
+        keys = [image_fingerprint(im) for im in images]
+        feats: list[torch.Tensor | None] = [self.image_cache.get(k) for k in keys]
+        todo = [i for i, f in enumerate(feats) if f is None]
+        if todo:
+            model = self.model
+            with torch.inference_mode():
+                pixels = self.preprocess([images[i] for i in todo]).to(model.device)  # [n, 3, H, W]
+                new = model.encode_images(pixels)  # [n, N, D]
+            for j, i in enumerate(todo):
+                feats[i] = new[j]
+                self.image_cache.put(keys[i], new[j])
+        return torch.stack(feats), keys  # type: ignore[arg-type]
+
+    def encode_requests(self, conversations: list[Conversation]) -> list[tuple[list[int], torch.Tensor | None, list[str]]]:
+        """Per conversation: token ids (image placeholders expanded), its image embeddings, their fingerprints."""
+        model, tok = self.model, self.model.tokenizer
+        out, all_images, counts = [], [], []
+        for conv in conversations:
+            chat, srcs = to_chat(conv, model.cfg.image_token, model.cfg.system_prompt)
+            out.append(model.expand_image_placeholders(encode_chat(tok, chat, add_generation_prompt=True)))
+            imgs = [load_image(s) for s in srcs]
+            all_images.extend(imgs)
+            counts.append(len(imgs))
+        embeds, keys = self.encode_images(all_images)
+        result, k = [], 0
+        for prompt, n in zip(out, counts):
+            result.append((prompt, embeds[k : k + n] if n else None, keys[k : k + n]))
+            k += n
+        return result
 
     def encode_prompts(self, conversations: list[Conversation]) -> tuple[list[list[int]], torch.Tensor | None]:
         """Token ids per conversation (image placeholders expanded) and all image embeddings in order."""
-        model, tok = self.model, self.model.tokenizer
-        prompts, images = [], []
-        for conv in conversations:
-            chat, srcs = to_chat(conv, model.cfg.image_token)
-            prompts.append(model.expand_image_placeholders(encode_chat(tok, chat, add_generation_prompt=True)))
-            images.extend(load_image(s) for s in srcs)
-        if not images:
-            return prompts, None
-        with torch.inference_mode():
-            pixels = self.preprocess(images).to(model.device)  # [n_images, 3, H, W]
-            embeds = model.encode_images(pixels)  # [n_images, N, D]
-        return prompts, embeds
+        reqs = self.encode_requests(conversations)
+        embeds = [e for _, e, _ in reqs if e is not None]
+        return [p for p, _, _ in reqs], (torch.cat(embeds) if embeds else None)
+
+    # -- generation -----------------------------------------------------------------------------
+    def submit(self, conversation: Conversation, params: SamplingParams, on_event: Callable | None = None):
+        """Queue one conversation on the scheduler; returns a RequestHandle (iterate it for text as
+        it is generated, `.cancel()` it, `.result()` for the whole answer)."""
+        reason = self.fast_path_reason()
+        if reason is not None:
+            raise RuntimeError(f"streaming needs the fast runtime, which cannot run this model: {reason}")
+        sched = self.scheduler
+        (prompt, embeds, keys), = self.encode_requests([conversation])
+        return sched.submit(prompt, params, image_embeds=embeds, image_keys=keys, on_event=on_event)
+
+    def stream(self, conversation: Conversation, params: SamplingParams):
+        """Text pieces of the reply as they are generated."""
+        return iter(self.submit(conversation, params))
 
     def generate(self, conversations: list[Conversation], params: SamplingParams, use_cache: bool = True) -> list[GenerationResult]:
         if not conversations:
             return []
+        if use_cache and self.fast_path_reason() is None:
+            sched = self.scheduler
+            handles = [sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in self.encode_requests(conversations)]
+            return [h.result() for h in handles]
         prompts, embeds = self.encode_prompts(conversations)
         return generate_ids(self.model, prompts, embeds, params, self.stop_ids, self.model.tokenizer, use_cache=use_cache)

@@ -1,0 +1,414 @@
+"""Generation speed of visprompt's runtime, side by side with transformers and llama.cpp, in one run.
+
+Workload: a prefix VLM of the packaged EfficientNet-Lite0 (49 image tokens) and the real
+SmolLM2-135M-Instruct weights (untrained connector: this measures speed, not answers), a real photo
+(examples/coffee.jpg), a question through the chat template, 64 new tokens (EOS ignored so every
+engine decodes exactly 64), greedy.
+
+Reported per engine: time to first token (image file -> first token, vision encoder included),
+decode tok/s at batch 1, total tok/s at 1, 4 and 16 concurrent requests, follow-up first-token time
+with the caches, greedy agreement with fp32, RSS, and fraction of the memory-bandwidth roofline
+(bandwidth measured in the same run with an fp32 8192x8192 mat-vec).
+
+    flock /tmp/visprompt-cpu.lock python bench/generate.py            # writes JSON + docs/runtime.md
+
+The machine is shared and noisy: compare ratios within one run, not numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTO = ROOT / "examples" / "coffee.jpg"
+QUESTIONS = [
+    "What is in this picture?", "Describe the image in detail.", "What colors do you see?", "Is there a drink here?",
+    "What is the object on the table?", "Where could this photo have been taken?", "Write a caption for this photo.",
+    "What time of day is it?", "Is this a cafe?", "What material is the cup made of?", "How many cups are there?",
+    "What is the mood of this picture?", "Is the drink hot or cold?", "What is next to the cup?",
+    "Could you name the drink?", "Tell me a story about this image.",
+]
+GATE_PHOTOS = ["coffee.jpg", "chelsea.jpg", "rocket.jpg", "astronaut.jpg"]
+GATE_QUESTIONS = ["What is in this picture?", "Write a short poem about it."]
+MD_START, MD_END = "<!-- bench:generate:start -->", "<!-- bench:generate:end -->"
+
+
+def conv(question: str, photo: Path = PHOTO) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": str(photo)}, {"type": "text", "text": question}]}]
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def matvec_bandwidth(n: int = 8192, reps: int = 7) -> float:
+    """GB/s of weights read by an fp32 n x n mat-vec (the bound of batch-1 decoding)."""
+    w = torch.randn(n, n)
+    x = torch.randn(1, n)
+    torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t)
+    del w
+    return n * n * 4 / min(times) / 1e9
+
+
+# -- engines --------------------------------------------------------------------------------------
+def run_one(backend_or_sched, encode, question, n_new, photo=PHOTO, history=None):
+    """Submit one request; returns (ttft_s, decode_tok_s, total_s, token_ids, cached_prompt_tokens)."""
+    from visprompt.engine.backend import SamplingParams
+
+    c = conv(question, photo) if history is None else history + [{"role": "user", "content": question}]
+    sched = backend_or_sched
+    t0 = time.perf_counter()
+    (prompt, embeds, keys), = encode([c])
+    h = sched.submit(prompt, SamplingParams(max_new_tokens=n_new), image_embeds=embeds, image_keys=keys)
+    first = None
+    for ev in h.events():
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    res = h.result()
+    assert len(res.token_ids) == n_new, (len(res.token_ids), res.finish_reason)
+    return first - t0, (n_new - 1) / (end - first), end - t0, res.token_ids, h.cached_prompt_tokens, res.text
+
+
+def run_concurrent(sched, encode, n, n_new):
+    from visprompt.engine.backend import SamplingParams
+
+    t0 = time.perf_counter()
+    reqs = encode([conv(QUESTIONS[i % len(QUESTIONS)]) for i in range(n)])
+    hs = [sched.submit(p, SamplingParams(max_new_tokens=n_new), image_embeds=e, image_keys=k) for p, e, k in reqs]
+    sched.run()
+    wall = time.perf_counter() - t0
+    toks = sum(len(h.result().token_ids) for h in hs)
+    return toks / wall, [h.result().token_ids for h in hs]
+
+
+def run_sequential(sched, encode, n, n_new):
+    from visprompt.engine.backend import SamplingParams
+
+    t0 = time.perf_counter()
+    toks = 0
+    for i in range(n):
+        (p, e, k), = encode([conv(QUESTIONS[i % len(QUESTIONS)])])
+        toks += len(sched.submit(p, SamplingParams(max_new_tokens=n_new), image_embeds=e, image_keys=k).result().token_ids)
+    return toks / (time.perf_counter() - t0)
+
+
+def measure_scheduler(name, sched, backend, n_new, reps, batches, clear, follow_up=True, ref_tokens=None):
+    """TTFT / decode / follow-up / concurrency for one decoder behind the scheduler."""
+    encode = backend.encode_requests
+    out = {"engine": name}
+    # warm-up (allocations, first-call overheads)
+    clear()
+    run_one(sched, encode, QUESTIONS[0], 4)
+    ttft, dec, fu_q, fu_t, hits_q, hits_t = [], [], [], [], [], []
+    tokens = text = None
+    for _ in range(reps):
+        clear()
+        t, d, _, tokens, _, text = run_one(sched, encode, QUESTIONS[0], n_new)
+        ttft.append(t)
+        dec.append(d)
+        if follow_up:
+            # same image, new question (a new chat): image features + system/image prefix come from the caches
+            t2, *_, hit, _ = run_one(sched, encode, QUESTIONS[1], 8)
+            fu_q.append(t2)
+            hits_q.append(hit)
+            # a follow-up turn in the same chat: the whole first turn, reply included, is cached
+            history = conv(QUESTIONS[0]) + [{"role": "assistant", "content": text}]
+            t3, *_, hit3, _ = run_one(sched, encode, QUESTIONS[2], 8, history=history)
+            fu_t.append(t3)
+            hits_t.append(hit3)
+    out.update(ttft_s=median(ttft), decode_tok_s=median(dec), tokens=tokens, text=text)
+    if follow_up:
+        out.update(followup_new_question_ttft_s=median(fu_q), followup_turn_ttft_s=median(fu_t),
+                   followup_cached_tokens=[median(hits_q), median(hits_t)])
+    conc = {}
+    for n in batches:
+        clear()
+        rate, _ = run_concurrent(sched, encode, n, n_new)
+        conc[str(n)] = rate
+    out["concurrent_tok_s"] = conc
+    clear()
+    out["one_by_one_tok_s"] = run_sequential(sched, encode, min(4, max(batches)), n_new)
+    out["rss_mb"] = rss_mb()
+    if ref_tokens is not None:
+        out["greedy_identical_to_transformers"] = tokens == ref_tokens
+    return out
+
+
+def measure_transformers(model, backend, n_new, reps, batches):
+    """transformers `generate` (fp32, its own KV cache) on the same LM and the same fused embeddings."""
+    from transformers import GenerationConfig
+
+    lm = model.lm
+    saved_eos = lm.generation_config.eos_token_id
+    lm.generation_config.eos_token_id = None  # EOS ignored, as for the other engines
+    pad = model.tokenizer.pad_token_id or 0
+
+    def embeds_for(questions):
+        backend.image_cache.clear()
+        reqs = backend.encode_requests([conv(q) for q in questions])
+        rows = [model.embed(torch.tensor([p]), e)[0] for p, e, _ in reqs]
+        width = max(r.shape[0] for r in rows)
+        x = torch.zeros(len(rows), width, rows[0].shape[1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
+        return x, mask
+
+    def gen(questions, n):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x, mask = embeds_for(questions)
+            out = lm.generate(inputs_embeds=x, attention_mask=mask,
+                              generation_config=GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=pad))
+        return time.perf_counter() - t0, out
+
+    try:
+        gen(QUESTIONS[:1], 4)  # warm-up
+        ttft, dec = [], []
+        tokens = None
+        for _ in range(reps):
+            t1, _ = gen(QUESTIONS[:1], 1)
+            tn, out = gen(QUESTIONS[:1], n_new)
+            assert out.shape[1] == n_new, out.shape
+            ttft.append(t1)
+            dec.append((n_new - 1) / (tn - t1))
+            tokens = out[0].tolist()
+        conc = {}
+        for n in batches:
+            t, out = gen(QUESTIONS[:n], n_new)
+            conc[str(n)] = out.numel() / t
+        return {"engine": "transformers generate (fp32)", "ttft_s": median(ttft), "decode_tok_s": median(dec), "tokens": tokens,
+                "concurrent_tok_s": conc, "one_by_one_tok_s": conc.get("1"), "rss_mb": rss_mb()}
+    finally:
+        lm.generation_config.eos_token_id = saved_eos
+
+
+def gate_prompts(model, backend):
+    from visprompt.engine.prompting import encode_chat, to_chat
+
+    convs = [conv(q, ROOT / "examples" / p) for p in GATE_PHOTOS for q in GATE_QUESTIONS if (ROOT / "examples" / p).is_file()]
+    reqs = backend.encode_requests(convs)
+    with torch.inference_mode():
+        return [model.embed(torch.tensor([p]), e)[0] for p, e, _ in reqs]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--hf-batches", default="1,4", help="concurrency levels for transformers generate (16 takes long)")
+    ap.add_argument("--quant", default="q8_0,q4_1,f32", help="GGUF types for the llama.cpp path ('' to skip)")
+    ap.add_argument("--gate-tokens", type=int, default=64)
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "generate.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs" / "runtime.md"))
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from visprompt.engine.backends.own import OwnVLMBackend
+    from visprompt.engine.fast_decode import FastLM
+    from visprompt.engine.quantized import LlamaCppLM, agreement, cached_gguf, greedy_tokens, llama_cpp_available
+    from visprompt.engine.scheduler import Scheduler
+    from visprompt.models.config import VLMConfig
+    from visprompt.models.gguf import packaged_smollm2_path
+    from visprompt.models.vision_language_model import VisionLanguageModel
+
+    batches = [int(b) for b in args.batches.split(",") if b]
+    hf_batches = [int(b) for b in args.hf_batches.split(",") if b]
+    n_new = args.new_tokens
+    t = time.perf_counter()
+    model = VisionLanguageModel.build(VLMConfig(vision_source="efficientnet-lite0", lm_source="smollm2-135m")).eval()
+    load_s = time.perf_counter() - t
+    backend = OwnVLMBackend(model, max_batch=max(batches))
+    backend.stop_ids = []  # EOS ignored: every engine decodes exactly n_new tokens
+    lm_params = sum(p.numel() for p in model.lm.parameters())
+    bw = matvec_bandwidth()
+    report = {
+        "command": "flock /tmp/visprompt-cpu.lock python bench/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+                    "matvec_gb_s": bw},
+        "workload": {"lm": "SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32)", "vision": "EfficientNet-Lite0",
+                     "image_tokens": model.cfg.tokens_per_image, "photo": PHOTO.name, "new_tokens": n_new,
+                     "prompt_tokens": len(backend.encode_requests([conv(QUESTIONS[0])])[0][0]), "lm_params": lm_params,
+                     "model_load_s": load_s},
+        "engines": [],
+    }
+    fp32_bytes = lm_params * 4
+    roofline_fp32 = bw * 1e9 / fp32_bytes
+
+    def clear():
+        backend.image_cache.clear()
+        backend.prefix_cache.clear()
+
+    hf = None
+    if not args.no_hf:
+        print("transformers generate ...", flush=True)
+        hf = measure_transformers(model, backend, n_new, args.reps, hf_batches)
+        hf["roofline_tok_s"] = roofline_fp32
+        report["engines"].append(hf)
+
+    print("visprompt fp32 (FastLM + scheduler + caches) ...", flush=True)
+    sched = backend.scheduler
+    ours = measure_scheduler("visprompt fp32 (lean decoder, continuous batching, caches)", sched, backend, n_new, args.reps, batches, clear,
+                             ref_tokens=hf["tokens"] if hf else None)
+    ours["roofline_tok_s"] = roofline_fp32
+    report["engines"].append(ours)
+
+    # caches off, for an honest view of what the caches buy under concurrency
+    saved = backend.prefix_cache.lru.max_bytes, backend.image_cache.max_bytes
+    backend.prefix_cache.lru.max_bytes = backend.image_cache.max_bytes = 0
+    clear()
+    nocache_rate, _ = run_concurrent(sched, backend.encode_requests, max(batches), n_new)
+    ours["concurrent_tok_s_no_caches"] = {str(max(batches)): nocache_rate}
+    backend.prefix_cache.lru.max_bytes, backend.image_cache.max_bytes = saved
+
+    # The fixed prompt set (4 photos x 2 questions): fp32 greedy tokens of the lean decoder, checked
+    # against transformers generate, are the reference for the quantized rows.
+    prompts = gate_prompts(model, backend)
+    ref = FastLM(model.lm, max_batch=1)
+    ref_tokens = [greedy_tokens(ref, p, args.gate_tokens) for p in prompts]
+    if hf is not None:
+        same = 0
+        lm = model.lm
+        saved_eos = lm.generation_config.eos_token_id
+        lm.generation_config.eos_token_id = None
+        try:
+            from transformers import GenerationConfig
+
+            for p, want in zip(prompts, ref_tokens):
+                with torch.inference_mode():
+                    out = lm.generate(inputs_embeds=p[None], attention_mask=torch.ones(1, p.shape[0], dtype=torch.long),
+                                      generation_config=GenerationConfig(do_sample=False, max_new_tokens=args.gate_tokens, pad_token_id=0))
+                same += int(out[0].tolist() == want)
+        finally:
+            lm.generation_config.eos_token_id = saved_eos
+        ours["prompt_set_identical_to_transformers"] = f"{same}/{len(prompts)}"
+
+    quants = [q for q in args.quant.split(",") if q]
+    if quants and llama_cpp_available():
+        targets = [(f"llama.cpp {q.upper()} (visprompt GGUF export) + scheduler", cached_gguf(model.lm, q), q) for q in quants]
+        del ref
+        folder, name = packaged_smollm2_path()
+        targets.append(("llama.cpp packaged Q4_1 GGUF (peer) + scheduler", Path(folder) / name, "q4_1-packaged"))
+        for label, path, q in targets:
+            print(label, "...", flush=True)
+            dec = LlamaCppLM(path, max_batch=max(batches), ctx_per_seq=512, n_threads=args.threads)
+            qs = Scheduler(dec, model.embed, model.tokenizer, [], image_token_id=model.cfg.image_token_id, prefix_cache=None)
+            res = measure_scheduler(label, qs, backend, n_new, args.reps, batches, clear, follow_up=True)
+            ag = agreement(None, dec, prompts, n_tokens=args.gate_tokens, reference_tokens=ref_tokens)
+            res.update(agreement_teacher_forced=ag.teacher_forced, agreement_identical=ag.identical,
+                       first_divergence=ag.first_divergence, gguf_mb=path.stat().st_size / 2**20)
+            res["roofline_tok_s"] = bw * 1e9 / path.stat().st_size
+            if ours.get("tokens"):
+                res["greedy_identical_to_fp32"] = res["tokens"] == ours["tokens"]
+            report["engines"].append(res)
+            dec.close()
+    elif quants:
+        report["llama_cpp"] = "not installed (pip install llama-cpp-python): quantized rows skipped"
+
+    report["peak_rss_mb"] = peak_rss_mb()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md = markdown(report, hf)
+    write_md(Path(args.md), md)
+    print(md)
+    return 0
+
+
+def fmt(x, spec=".2f"):
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(report, hf) -> str:
+    base = hf["decode_tok_s"] if hf else None
+    lines = [
+        f"Command: `{report['command'].strip()}`",
+        "",
+        f"Machine: {report['machine']['threads']} threads, torch {report['machine']['torch']}, fp32 mat-vec "
+        f"{report['machine']['matvec_gb_s']:.1f} GB/s (measured in the run). Workload: {report['workload']['prompt_tokens']}-token prompt "
+        f"({report['workload']['image_tokens']} image tokens), {report['workload']['new_tokens']} new tokens, greedy, EOS ignored.",
+        "",
+        "| engine | first token (s) | decode tok/s (batch 1) | × transformers | roofline % | total tok/s @1 / @4 / @16 | 16 vs one-by-one | follow-up first token (s): new question / next turn | greedy agreement with fp32 | RSS after (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in report["engines"]:
+        conc = e.get("concurrent_tok_s", {})
+        rates = " / ".join(fmt(conc.get(k), ".1f") for k in ("1", "4", "16"))
+        one = e.get("one_by_one_tok_s")
+        speedup16 = fmt(conc["16"] / one, ".1f") + "×" if one and "16" in conc else "–"
+        fu = "–"
+        if "followup_new_question_ttft_s" in e:
+            fu = f"{fmt(e['followup_new_question_ttft_s'], '.3f')} / {fmt(e['followup_turn_ttft_s'], '.3f')}"
+            if e.get("ttft_s"):
+                fu += f" ({100 * e['followup_new_question_ttft_s'] / e['ttft_s']:.0f}% / {100 * e['followup_turn_ttft_s'] / e['ttft_s']:.0f}%)"
+        if "agreement_teacher_forced" in e:
+            agree = f"{100 * e['agreement_teacher_forced']:.1f}% teacher-forced, {100 * e['agreement_identical']:.0f}% prompts identical"
+        elif "greedy_identical_to_transformers" in e:
+            agree = "identical to transformers" if e["greedy_identical_to_transformers"] else "DIFFERS from transformers"
+            if "prompt_set_identical_to_transformers" in e:
+                agree += f" (prompt set: {e['prompt_set_identical_to_transformers']} prompts identical)"
+        else:
+            agree = "(reference)"
+        ratio = fmt(e["decode_tok_s"] / base, ".1f") + "×" if base else "–"
+        roof = fmt(100 * e["decode_tok_s"] / e["roofline_tok_s"], ".0f") if e.get("roofline_tok_s") else "–"
+        lines.append(f"| {e['engine']} | {fmt(e['ttft_s'], '.3f')} | {fmt(e['decode_tok_s'], '.1f')} | {ratio} | {roof} | {rates} | {speedup16} | {fu} | {agree} | {fmt(e.get('rss_mb'), '.0f')} |")
+    lines.append("")
+    ours = next((e for e in report["engines"] if e["engine"].startswith("visprompt fp32")), None)
+    if ours and "concurrent_tok_s_no_caches" in ours:
+        for k, v in ours["concurrent_tok_s_no_caches"].items():
+            lines.append(f"visprompt fp32 at {k} concurrent with both caches off: {v:.1f} tok/s (with them: {ours['concurrent_tok_s'].get(k, 0):.1f}).")
+    lines.append(f"Peak RSS of the whole run: {report['peak_rss_mb']:.0f} MB. Roofline: weights bytes per token at the measured mat-vec bandwidth "
+                 "(fp32: 4 bytes × LM parameters; GGUF: file size).")
+    if "llama_cpp" in report:
+        lines.append(f"llama.cpp: {report['llama_cpp']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_md(path: Path, table: str) -> None:
+    text = path.read_text() if path.is_file() else "# Runtime\n\n"
+    block = f"{MD_START}\n{table}{MD_END}"
+    if MD_START in text and MD_END in text:
+        pre, rest = text.split(MD_START, 1)
+        post = rest.split(MD_END, 1)[1]
+        text = pre + block + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
