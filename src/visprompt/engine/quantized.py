@@ -18,6 +18,9 @@ llama.cpp:
   fp32 decoder, teacher-forced along the fp32 output (so one early flip does not count as every
   later token wrong), plus how many prompts give an identical free-running continuation.
 
+Leave OMP_WAIT_POLICY unset (or ACTIVE): llama.cpp's CPU backend runs each op on an OpenMP team,
+and PASSIVE (threads sleep between parallel regions) cut its decode from ~135 to ~48 tok/s here.
+
 llama-cpp-python is an optional extra (`pip install llama-cpp-python`, a ~8 minute compile on a
 small CPU); `llama_cpp_available()` says whether it imports, and everything here fails with a clear
 `QuantizedUnavailable` otherwise.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import warnings
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -201,6 +205,8 @@ class LlamaCppLM:
     def __init__(self, gguf_path: str | os.PathLike, max_batch: int = 16, ctx_per_seq: int = 1024, n_threads: int | None = None, verbose: bool = False, kv_f32: bool = False, flash_attn: bool = False, kv_unified: bool = False):
         L = _llama_cpp()
         self._L = L
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            warnings.warn("OMP_WAIT_POLICY=PASSIVE makes llama.cpp ~3x slower; leave it unset", stacklevel=2)
         if not verbose:
             _silence(L)
         L.llama_backend_init()
