@@ -164,6 +164,11 @@ class PrefixKVCache:
             return None
         return PrefixHit(best_n, kv[:, :, :best_n])
 
+    def covers(self, keys: tuple) -> bool:
+        """True when a stored entry starts with `keys` (storing them would add nothing)."""
+        n = len(keys)
+        return n < self.min_tokens or self.lru.max_bytes <= 0 or any(len(k) >= n and k[:n] == keys for k, _ in self.lru.items())
+
     def store(self, keys: tuple, kv: torch.Tensor) -> bool:
         """Remember the KV [layers, 2, len(keys), kv_heads, head_dim] of `keys` (kv is not copied:
         pass a tensor nobody else writes). An entry that is a prefix of a stored one adds nothing."""

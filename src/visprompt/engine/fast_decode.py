@@ -85,20 +85,25 @@ class _Proj:
     Three layouts of the same weights, each where it was measured fastest on this project's CPU
     (2-core AVX2, MKL + oneDNN), SmolLM2-135M:
 
-    * a transposed, fused [in, out] copy for one row (batch-1 decoding): MKL's mat-vec reads a
-      576-wide [out, in] matrix at ~11-12 GB/s but an [in, out] one at 16-23 GB/s (~1.4x tok/s);
+    * a transposed, fused [in, out] copy for one row (batch-1 decoding), cut into column blocks, one
+      per thread, run as one `bmm`: MKL's mat-vec reads a 576-wide [out, in] matrix at ~11-12 GB/s,
+      an [in, out] one at 13-25 GB/s, and two [in, out/2] blocks on 2 cores at 18-34 GB/s;
     * oneDNN's blocked layout for several rows (batched decoding, prefill): MKL repacks the weights
       on every small-M call, oneDNN's prepacked weights do not (~2x tok/s at 4 and 16 rows; a
       12-token prefill 2x, an 86-token one 1.25x faster);
     * the module's own [out, in] tensors through `F.linear` when a layout is not packed.
+
+    Packed copies take the thread count at construction (`torch.get_num_threads()`).
     """
 
-    __slots__ = ("parts", "sizes", "bias", "t", "d")
+    __slots__ = ("parts", "sizes", "bias", "t", "d", "out", "splits")
 
     def __init__(self, linears: list[nn.Linear], gemv: bool, onednn: bool):
         self.parts = [(lin.weight, lin.bias) for lin in linears]
         self.sizes = [lin.weight.shape[0] for lin in linears]
+        self.out = sum(self.sizes)
         self.bias = self.t = self.d = None
+        self.splits = 1
         if not (gemv or onednn):
             return
         with torch.no_grad():
@@ -106,7 +111,16 @@ class _Proj:
             if any(lin.bias is not None for lin in linears):
                 self.bias = torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.weight.shape[0]) for lin in linears])
             if gemv:
-                self.t = w.t().contiguous()  # [in, out]
+                # [splits, in, out/splits]: one bmm runs the column blocks on `splits` threads (MKL's
+                # mat-vec alone uses one core; two blocks read 1.25-1.45x faster on 2 cores).
+                self.splits = splits = max(1, min(torch.get_num_threads(), 8))
+                per = -(-self.out // splits)
+                t = torch.zeros(splits, w.shape[1], per, dtype=w.dtype, device=w.device)
+                wt = w.t()
+                for j in range(splits):
+                    cols = wt[:, j * per : (j + 1) * per]
+                    t[j, :, : cols.shape[1]] = cols
+                self.t = t
             if onednn:
                 self.d = _onednn_reorder(w)
 
@@ -114,14 +128,21 @@ class _Proj:
         n = 0
         for t in (self.t, self.d):
             if t is not None:
-                n += self.parts[0][0].element_size() * sum(self.sizes) * self.parts[0][0].shape[1]
+                n += self.parts[0][0].element_size() * self.out * self.parts[0][0].shape[1]
         return n
 
     def __call__(self, x: torch.Tensor):
         # x: [M, in] -> [M, out] (or a tuple of [M, out_i], one per fused layer)
         m = x.shape[0]
         if m == 1 and self.t is not None:
-            y = x @ self.t if self.bias is None else torch.addmm(self.bias, x, self.t)
+            if self.splits == 1:
+                y = x @ self.t[0]
+            else:
+                y = torch.bmm(x.expand(self.splits, 1, x.shape[1]), self.t).view(1, -1)
+                if y.shape[1] != self.out:
+                    y = y[:, : self.out]
+            if self.bias is not None:
+                y = y + self.bias
         elif m > 1 and self.d is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.d, self.bias, "none", [], "")
         else:
@@ -139,7 +160,7 @@ class _Layer:
         self.qkv = _Proj([att.q_proj, att.k_proj, att.v_proj], gemv, onednn)
         self.o = _Proj([att.o_proj], gemv, onednn)
         self.gate_up = _Proj([mlp.gate_proj, mlp.up_proj], gemv, onednn)
-        self.down = _Proj([mlp.down_proj], False, onednn)  # 1536-wide input: [out, in] is the fast one
+        self.down = _Proj([mlp.down_proj], gemv, onednn)
 
 
 def _packed_bytes(lm: nn.Module) -> int:

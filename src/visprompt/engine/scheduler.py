@@ -336,11 +336,13 @@ class Scheduler:
         req.cached_tokens = start
         embeds = self.embed(ids, req.image_embeds)[0]  # [T, D]
         logits = dec.prefill(seq, embeds[start:])
-        if keys is not None and start < len(req.prompt):
-            self.prefix_cache.store(keys, dec.export_kv(seq, len(req.prompt)))
         tok = self._sample(logits.unsqueeze(0), [req])[0]
         req.first_token_at = time.perf_counter()
-        self._accept(req, handle, tok)
+        self._accept(req, handle, tok)  # the first token goes out before any cache bookkeeping
+        # Store the prompt now (not only at the end), so requests admitted after this one share it;
+        # a request that already finished stored its KV on release.
+        if keys is not None and req.seq is not None and not self.prefix_cache.covers(keys):
+            self.prefix_cache.store(keys, dec.export_kv(seq, len(req.prompt)))
 
     # -- decoding -------------------------------------------------------------------------------
     def _decode(self, batch: list[tuple[_Request, RequestHandle]]) -> None:
@@ -442,7 +444,7 @@ class Scheduler:
             if self.prefix_cache is not None and not req.cancelled and (req.image_embeds is None or req.image_keys):
                 n = dec.length(seq)  # prompt + the reply tokens already fed
                 keys = token_keys(req.prompt, self.image_token_id, req.image_keys) + tuple(req.tokens[: n - len(req.prompt)])
-                if n > len(req.prompt):
+                if not self.prefix_cache.covers(keys[:n]):
                     self.prefix_cache.store(keys[:n], dec.export_kv(seq, n))
         finally:
             dec.free(seq)
