@@ -116,3 +116,55 @@ def test_trainer_reads_any_llava_dataset(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     summary = Trainer(load_recipe(tmp_path / "r.yaml")).train()
     assert summary["steps"] == 2 and summary["eval_total"] == 4
+
+
+def write_staged_recipe(tmp_path, data_dir, stages):
+    path = write_recipe(tmp_path, data_dir, eval_data="")
+    recipe = yaml.safe_load(path.read_text())
+    del recipe["train"]["train_data"]
+    recipe["stages"] = stages
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_stages_parse_inherit_train_settings_and_take_per_stage_overrides(tmp_path, shapes_dir):
+    stages = [
+        {"name": "align", "train_data": str(shapes_dir / "align.json"), "max_steps": 2, "lm_lr": 0},
+        {"name": "full", "train_data": str(shapes_dir / "train.json")},
+    ]
+    path = write_staged_recipe(tmp_path, shapes_dir, stages)
+    r = load_recipe(path, ["batch_size=4", "stages.full.max_steps=3"])
+    (n1, t1), (n2, t2) = r.stages
+    assert (n1, t1.max_steps, t1.lm_lr, t1.batch_size) == ("align", 2, 0.0, 4)
+    assert (n2, t2.max_steps, t2.lm_lr, t2.batch_size) == ("full", 3, 3e-3, 4)  # the rest from train:
+    for bad in (["stages.nope.max_steps=1"], ["stages.full.nope=1"]):
+        with pytest.raises(ConfigError):
+            load_recipe(path, bad)
+    with pytest.raises(ConfigError):
+        load_recipe(write_staged_recipe(tmp_path, shapes_dir, [{"name": "a", "bogus": 1}]))
+
+
+def test_stages_train_one_model_in_order_and_resume_skips_finished_stages(tmp_path, shapes_dir):
+    stages = [
+        {"name": "align", "train_data": str(shapes_dir / "align.json"), "max_steps": 2, "lm_lr": 0},
+        {"name": "full", "train_data": str(shapes_dir / "train.json"), "max_steps": 3},
+    ]
+    path = write_staged_recipe(tmp_path, shapes_dir, stages)
+    summary = Trainer(load_recipe(path)).train()
+    out = tmp_path / "run"
+    assert [s["stage"] for s in summary["stages"]] == ["align", "full"] and summary["steps"] == 3
+    first = VisionLanguageModel.from_pretrained(out / "stages" / "align")
+    final = VisionLanguageModel.from_pretrained(out)
+    # stage 1 froze the LM: its weights are the built ones; stage 2 then trained them.
+    lm_changed = any(not torch.equal(a, b) for a, b in zip(first.lm.parameters(), final.lm.parameters()))
+    vision_same_start = first.cfg.vision_num_patches == final.cfg.vision_num_patches
+    assert lm_changed and vision_same_start
+    # one tokenizer for both stages, trained on both stages' text
+    assert first.tokenizer.get_vocab() == final.tokenizer.get_vocab()
+    # the second stage continued from the first (not from fresh weights): its connector starts there
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log if "loss" in m] == [2, 3]
+    # resume: the finished first stage is loaded, not trained again
+    (out / "stages" / "align" / "metrics.jsonl").write_text("")
+    Trainer(load_recipe(path, ["resume=true", "stages.full.max_steps=4"])).train()
+    assert (out / "stages" / "align" / "metrics.jsonl").read_text() == ""

@@ -137,7 +137,8 @@ def data_shapes(
     test: int = typer.Option(200, "--test", help="Held-out scenes."),
     seed: int = typer.Option(0, "--seed"),
 ):
-    """Draw synthetic scenes of 1-4 shapes with captions and questions (LLaVA JSON)."""
+    """Draw synthetic scenes of 1-4 shapes with captions and questions (LLaVA JSON): train.json,
+    test.json, and align.json (the one-object training scenes, for a first training stage)."""
     from ..data.shapes import generate_shapes_dataset
 
     summary = generate_shapes_dataset(output_dir, n_train=train, n_test=test, seed=seed)

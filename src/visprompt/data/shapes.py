@@ -369,7 +369,9 @@ def generate_shapes_dataset(
     """Write a shapes VQA dataset to `out_dir` and return a summary.
 
     Layout: `images/{train,test}/NNNNN.png`, `train.json`, `test.json` (LLaVA format, image paths
-    relative to the JSON file). Each record also has `kinds` (question kind of each gpt turn) and
+    relative to the JSON file), and `align.json`: the training records whose scene has a single
+    object, for a first "alignment" stage (a model learns to read the image tokens at all far sooner
+    when every question is about the only object in view; see recipes/shapes-tiny.yaml). Each record also has `kinds` (question kind of each gpt turn) and
     `scene` (background, and per object: shape, color, size, row, col, position, bbox, rgb).
     Deterministic: the same arguments give byte-identical files. Test scenes never share a
     signature (shapes, colours, sizes, cells) with a training scene or with each other.
@@ -399,6 +401,9 @@ def generate_shapes_dataset(
         )
         if split == "train":
             train_signatures = signatures
+            align = [r for r in records if len(r["scene"]["objects"]) == 1]
+            (out / "align.json").write_text(json_list_text(align), encoding="utf-8")
+            summary["align"] = {"images": len(align), "json": str(out / "align.json")}
         (out / f"{split}.json").write_text(json_list_text(records), encoding="utf-8")
         kind_counts = Counter(k for r in records for k in r["kinds"])
         answers = Counter(

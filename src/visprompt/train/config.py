@@ -1,4 +1,7 @@
-"""Training recipes: a YAML file with a `model:` section (VLMConfig fields) and a `train:` section."""
+"""Training recipes: a YAML file with a `model:` section (VLMConfig fields), a `train:` section, and
+optionally `stages:`, a list of training stages run one after the other on the same model (LLaVA's
+alignment then instruction tuning): each stage is a mapping with a `name` and the `train:` settings
+it changes (data, steps, learning rates, freezing)."""
 
 from __future__ import annotations
 
@@ -53,6 +56,20 @@ class TrainConfig:
 class Recipe:
     model: VLMConfig = field(default_factory=VLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[tuple[str, TrainConfig]] = field(default_factory=list)  # (name, full settings), in order
+
+
+def _stage(raw: Any, index: int, base: TrainConfig) -> tuple[str, TrainConfig]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"stage {index + 1} must be a mapping of train settings, got {raw!r}")
+    raw = dict(raw)
+    name = str(raw.pop("name", f"stage{index + 1}"))
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"stage name must be letters, digits, - or _, got {name!r}")
+    tc = dataclasses.replace(base)
+    for k, v in raw.items():
+        _apply(tc, k, v, f"stage {name!r}")
+    return name, tc
 
 
 def _coerce(value: str, target: Any) -> Any:
@@ -92,16 +109,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    unknown = set(data) - {"model", "train"}
+    unknown = set(data) - {"model", "train", "stages"}
     if unknown:
-        raise ConfigError(f"recipe sections must be 'model' and 'train', found {', '.join(sorted(unknown))}")
+        raise ConfigError(f"recipe sections must be 'model', 'train' and 'stages', found {', '.join(sorted(unknown))}")
     recipe = Recipe(model=VLMConfig.from_dict(data.get("model") or {}), train=TrainConfig())
     for k, v in (data.get("train") or {}).items():
         _apply(recipe.train, k, v, "train")
+    raw_stages = data.get("stages") or []
+    if not isinstance(raw_stages, list):
+        raise ConfigError("stages must be a list of mappings")
+    stage_overrides: dict[str, list[tuple[str, str]]] = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set takes key=value, got {item!r}")
         key, value = item.split("=", 1)
+        if key.startswith("stages."):  # stages.NAME.key=value: one stage only
+            _, stage_name, name = (key.split(".", 2) + ["", ""])[:3]
+            stage_overrides.setdefault(stage_name, []).append((name, value))
+            continue
         section, _, name = key.rpartition(".")
         if not section:
             in_train = name in {f.name for f in dataclasses.fields(TrainConfig)}
@@ -109,5 +134,19 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if section not in ("model", "train"):
             raise ConfigError(f"--set key must start with model. or train., got {key!r}")
         _apply(getattr(recipe, section), name, value, section)
+        if section == "train":
+            stage_overrides.setdefault("*", []).append((name, value))
+    # A stage starts from `train:` (with the command line's overrides) and sets its own keys; the
+    # command line then wins again, so `--set max_steps=5` shortens every stage.
+    for i, raw in enumerate(raw_stages):
+        name, tc = _stage(raw, i, recipe.train)
+        for key, value in stage_overrides.get("*", []) + stage_overrides.pop(name, []):
+            _apply(tc, key, value, f"stage {name!r}")
+        recipe.stages.append((name, tc))
+    unknown_stages = set(stage_overrides) - {"*"}
+    if unknown_stages:
+        raise ConfigError(f"--set names unknown stage(s): {', '.join(sorted(unknown_stages))}")
+    if len({n for n, _ in recipe.stages}) != len(recipe.stages):
+        raise ConfigError("stage names must be unique")
     recipe.model.__post_init__()
     return recipe

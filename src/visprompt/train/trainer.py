@@ -5,6 +5,7 @@ Nothing here knows what the data is about: it reads any LLaVA-format dataset."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -106,14 +107,18 @@ class Trainer:
         self.recipe = recipe
         self.tc = recipe.train
         self.out = Path(self.tc.output_dir)
-        if not self.tc.train_data:
-            raise ConfigError("train.train_data is not set (a LLaVA JSON file)")
+        for name, tc in recipe.stages or [("", recipe.train)]:
+            if not tc.train_data:
+                raise ConfigError(f"train_data is not set{f' in stage {name!r}' if name else ''} (a LLaVA JSON file)")
 
     # -- setup -----------------------------------------------------------------------------------
     def _build_model(self, train_records) -> VisionLanguageModel:
         if self.tc.init_from:
             return VisionLanguageModel.from_pretrained(self.tc.init_from)
-        return VisionLanguageModel.build(self.recipe.model, texts=record_texts(train_records))
+        texts = record_texts(train_records)
+        if self.recipe.stages:  # a tokenizer trained on every stage's text, not only the first's
+            texts = [t for _, tc in self.recipe.stages for t in record_texts(load_llava_records(tc.train_data, check_images=False))]
+        return VisionLanguageModel.build(self.recipe.model, texts=texts)
 
     def _latest_checkpoint(self) -> Path | None:
         ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -121,7 +126,42 @@ class Trainer:
 
     # -- run -------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        tc = self.tc
+        """Train; with stages, run them in order on one model. Earlier stages save to
+        OUTPUT/stages/NAME, the last to OUTPUT; with resume, a finished stage is not run again."""
+        if not self.recipe.stages:
+            return self._train_stage(self.recipe.train)
+        base = Path(self.recipe.train.output_dir)
+        model, summaries = None, []
+        for i, (name, tc) in enumerate(self.recipe.stages):
+            last = i == len(self.recipe.stages) - 1
+            out = base if last else base / "stages" / name
+            tc = dataclasses.replace(tc, output_dir=str(out))
+            done = out / "train_summary.json"
+            if tc.resume and done.exists() and not last:
+                summaries.append({"stage": name, **json.loads(done.read_text())})
+                model = None
+                prev = out
+                continue
+            if model is None and i > 0 and not (tc.resume and self._has_checkpoint(out)):
+                tc = dataclasses.replace(tc, init_from=str(prev))
+            print(f"stage {i + 1}/{len(self.recipe.stages)}: {name} ({tc.train_data})", file=sys.stderr, flush=True)
+            summary = self._train_stage(tc, model)
+            summaries.append({"stage": name, **summary})
+            model, prev = self.model, out
+        final = dict(summaries[-1])
+        final.pop("stage")
+        final["train_time_s"] = round(sum(s["train_time_s"] for s in summaries), 1)
+        final["stages"] = summaries
+        (base / "train_summary.json").write_text(json.dumps(final, indent=2) + "\n")
+        return final
+
+    @staticmethod
+    def _has_checkpoint(out: Path) -> bool:
+        return any(out.glob("checkpoint-*"))
+
+    def _train_stage(self, tc, model: VisionLanguageModel | None = None) -> dict[str, Any]:
+        """One training run with settings `tc`; `model`: continue training this model in memory."""
+        self.tc, self.out = tc, Path(tc.output_dir)
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         torch.manual_seed(tc.seed)
@@ -130,7 +170,11 @@ class Trainer:
         eval_records = load_llava_records(tc.eval_data)[: tc.eval_max_records] if tc.eval_data else []
 
         resume_from = self._latest_checkpoint() if tc.resume else None
-        model = VisionLanguageModel.from_pretrained(resume_from) if resume_from else self._build_model(train_records)
+        if resume_from:
+            model = VisionLanguageModel.from_pretrained(resume_from)
+        elif model is None:
+            model = self._build_model(train_records)
+        self.model = model
         cfg = model.cfg
         preprocess = ImagePreprocessor(cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resize_mode)
         dataset = VLMDataset(train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed)
