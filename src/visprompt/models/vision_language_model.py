@@ -129,7 +129,14 @@ class VisionLanguageModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.cfg.save(folder)
-        save_model(self, str(folder / WEIGHTS_NAME))  # handles tied embeddings
+        from .lora import has_lora, merged_state_dict
+
+        if has_lora(self):  # adapters merged in: the folder loads as a plain model
+            from safetensors.torch import save_file
+
+            save_file(merged_state_dict(self), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            save_model(self, str(folder / WEIGHTS_NAME))  # handles tied embeddings
         self.tokenizer.save_pretrained(folder)
 
     # -- freezing --------------------------------------------------------------------------------

@@ -32,10 +32,16 @@ STATE_NAME = "trainer_state.pt"
 
 
 def freeze_parts(model: VisionLanguageModel, lrs: dict[str, float]) -> dict[str, int]:
-    """requires_grad follows each part's LR; then check it really did (open_flamingo's habit)."""
+    """requires_grad follows each part's LR (for an LM with LoRA adapters: the adapters only); then
+    check it really did (open_flamingo's habit)."""
+    from ..models.lora import has_lora
+
+    lora = has_lora(model.lm)
     for part, lr in lrs.items():
-        for p in model.part(part).parameters():
-            p.requires_grad_(lr > 0)
+        for name, p in model.part(part).named_parameters():
+            p.requires_grad_(lr > 0 and (part != "lm" or not lora or "lora_" in name))
+    if lora and lrs.get("lm", 0) > 0:
+        assert all(("lora_" in n) == p.requires_grad for n, p in model.lm.named_parameters()), "LoRA: only adapters may train in the LM"
     counts = model.trainable_parameters()
     for part, lr in lrs.items():
         assert (counts[part] > 0) == (lr > 0), f"part {part}: lr={lr} but {counts[part]} trainable parameters"
@@ -175,6 +181,14 @@ class Trainer:
         elif model is None:
             model = self._build_model(train_records)
         self.model = model
+        if self.recipe.model.lm_lora_rank > 0:  # the recipe's LoRA settings win over a loaded model's
+            for key in ("lm_lora_rank", "lm_lora_alpha", "lm_lora_targets"):
+                setattr(model.cfg, key, getattr(self.recipe.model, key))
+        if model.cfg.lm_lora_rank > 0 and tc.lm_lr > 0:
+            from ..models.lora import add_lora, has_lora
+
+            if not has_lora(model.lm):
+                add_lora(model.lm, model.cfg.lm_lora_rank, model.cfg.lm_lora_alpha, model.cfg.lm_lora_targets)
         cfg = model.cfg
         preprocess = ImagePreprocessor(cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resize_mode)
         dataset = VLMDataset(train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed)
