@@ -7,6 +7,23 @@ import torch
 torch.set_num_threads(int(os.environ.get("VISPROMPT_TEST_THREADS", "1")))
 
 
+def image_conv(color, question, n_images=1):
+    """A one-turn chat with `n_images` plain-colour images (each a different size) and a question."""
+    from PIL import Image
+
+    images = [{"type": "image", "image": Image.new("RGB", (40, 30 + 7 * k), color)} for k in range(n_images)]
+    return [{"role": "user", "content": [*images, {"type": "text", "text": question}]}]
+
+
+# Chats that cover one image, two images, a system prompt and prompts of different lengths.
+IMAGE_CONVS = [
+    image_conv("red", "What color is the circle?"),
+    image_conv("blue", "How many shapes are there? Describe the image please, in detail."),
+    image_conv("green", "Where is the square?", n_images=2),
+    [{"role": "system", "content": "Be brief."}, *image_conv("yellow", "yes or no?")],
+]
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A small shapes dataset, generated once per test session (nothing is downloaded)."""

@@ -2,25 +2,14 @@
 
 import pytest
 import torch
-from PIL import Image
+from conftest import IMAGE_CONVS
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
 from visprompt.engine.sampling import choose_next_tokens
 from visprompt.errors import VispromptError
 
-
-def conv(color, question, n_images=1):
-    images = [{"type": "image", "image": Image.new("RGB", (40, 30 + 7 * k), color)} for k in range(n_images)]
-    return [{"role": "user", "content": [*images, {"type": "text", "text": question}]}]
-
-
-CONVS = [
-    conv("red", "What color is the circle?"),
-    conv("blue", "How many shapes are there? Describe the image please, in detail."),
-    conv("green", "Where is the square?", n_images=2),
-    [{"role": "system", "content": "Be brief."}, *conv("yellow", "yes or no?")],
-]
+CONVS = IMAGE_CONVS
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 import torch
-from PIL import Image
+from conftest import IMAGE_CONVS
+from conftest import image_conv as conv
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
@@ -16,17 +17,8 @@ from visprompt.engine.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, t
 from visprompt.engine.fast_decode import FastLM, unsupported_reason
 from visprompt.engine.generation import generate_ids
 
-
-def conv(color, question, n_images=1, size=40):
-    images = [{"type": "image", "image": Image.new("RGB", (size, 30 + 7 * k), color)} for k in range(n_images)]
-    return [{"role": "user", "content": [*images, {"type": "text", "text": question}]}]
-
-
 CONVS = [
-    conv("red", "What color is the circle?"),
-    conv("blue", "How many shapes are there? Describe the image please, in detail."),
-    conv("green", "Where is the square?", n_images=2),
-    [{"role": "system", "content": "Be brief."}, *conv("yellow", "yes or no?")],
+    *IMAGE_CONVS,
     [{"role": "user", "content": "No image here: what is a circle?"}],
     conv("purple", "red blue green"),
 ]
@@ -384,6 +376,7 @@ def test_llama_cpp_f32_export_matches_transformers(tmp_path):
 def test_quantized_backend_passes_its_gate_and_batches(tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     from conftest import TEXTS, spread_weights, tiny_config
+
     from visprompt.engine.quantized import agreement
     from visprompt.models.vision_language_model import VisionLanguageModel
 

@@ -332,6 +332,15 @@ class FastLM:
         # with the sign folded into sin_signed gives the same products, in fewer ops.
         return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
+    def _attention_inputs(self, x: torch.Tensor, p: _Layer, cos: torch.Tensor, sin: torch.Tensor):
+        # x: [N, D] -> q [N, heads, hd], k and v [N, kv_heads, hd]; q and k rotated
+        n = x.shape[0]
+        q, k, v = p.qkv(self._rms(x, p.ln1))
+        q = q.view(n, self.n_heads, self.head_dim)
+        k = k.view(n, self.n_kv, self.head_dim)
+        v = v.view(n, self.n_kv, self.head_dim)
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+
     def _mlp(self, h: torch.Tensor, p: _Layer) -> torch.Tensor:
         g, u = p.gate_up(h)
         return p.down(F.silu(g) * u)
@@ -368,11 +377,7 @@ class FastLM:
             causal = False
         x = embeds.to(self.dtype).reshape(t, -1)
         for li, p in enumerate(self.layers):
-            q, k, v = p.qkv(self._rms(x, p.ln1))
-            q = q.view(t, self.n_heads, self.head_dim)
-            k = k.view(t, self.n_kv, self.head_dim)
-            v = v.view(t, self.n_kv, self.head_dim)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k, v = self._attention_inputs(x, p, cos, sin)
             kv[li, 0, row, start:end] = k
             kv[li, 1, row, start:end] = v
             keys = kv[li, 0, row, :end].transpose(0, 1).unsqueeze(0)  # [1, kv, end, hd]
@@ -417,11 +422,7 @@ class FastLM:
             mask = (torch.arange(top, device=self.device)[None, :] <= pos[:, None]).view(b, 1, 1, top)
         x = self.embed_tokens(tokens).to(self.dtype)  # [B, D]
         for li, p in enumerate(self.layers):
-            q, k, v = p.qkv(self._rms(x, p.ln1))
-            q = q.view(b, self.n_heads, self.head_dim)
-            k = k.view(b, self.n_kv, self.head_dim)
-            v = v.view(b, self.n_kv, self.head_dim)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k, v = self._attention_inputs(x, p, cos, sin)
             if same:
                 kv[li, 0, :b, p0] = k
                 kv[li, 1, :b, p0] = v

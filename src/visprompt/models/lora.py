@@ -34,6 +34,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every LoRA layer's delta added to its base weight, under the names the
     model has without adapters (no `base_layer.`, no `lora_` tensors). Tensors are copies."""
     from peft.tuners.lora import LoraLayer
+    from safetensors.torch import (
+        _remove_duplicate_names,  # the choice save_model makes for tied weights
+    )
 
     merged: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
@@ -41,8 +44,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             base = module.get_base_layer()
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
             merged[f"{prefix}.weight"] = (base.weight.detach() + delta).contiguous()
-    from safetensors.torch import _remove_duplicate_names  # the choice save_model makes for tied weights
-
     state = model.state_dict()
     dropped = {n for names in _remove_duplicate_names(state).values() for n in names}
     out: dict[str, torch.Tensor] = {}

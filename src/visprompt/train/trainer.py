@@ -24,7 +24,7 @@ from ..engine.backends.own import OwnVLMBackend
 from ..errors import ConfigError
 from ..eval.vqa import evaluate_vqa
 from ..images import ImagePreprocessor
-from ..models.vision_language_model import PARTS, VisionLanguageModel
+from ..models.vision_language_model import VisionLanguageModel
 from .config import Recipe
 from .dataset import VLMDataset, collate, record_texts
 
@@ -121,9 +121,10 @@ class Trainer:
     def _build_model(self, train_records) -> VisionLanguageModel:
         if self.tc.init_from:
             return VisionLanguageModel.from_pretrained(self.tc.init_from)
-        texts = record_texts(train_records)
         if self.recipe.stages:  # a tokenizer trained on every stage's text, not only the first's
             texts = [t for _, tc in self.recipe.stages for t in record_texts(load_llava_records(tc.train_data, check_images=False))]
+        else:
+            texts = record_texts(train_records)
         return VisionLanguageModel.build(self.recipe.model, texts=texts)
 
     def _latest_checkpoint(self) -> Path | None:
@@ -143,10 +144,9 @@ class Trainer:
             out = base if last else base / "stages" / name
             tc = dataclasses.replace(tc, output_dir=str(out))
             done = out / "train_summary.json"
-            if tc.resume and done.exists() and not last:
+            if tc.resume and done.exists() and not last:  # finished: the next stage loads it from disk
                 summaries.append({"stage": name, **json.loads(done.read_text())})
-                model = None
-                prev = out
+                model, prev = None, out
                 continue
             if model is None and i > 0 and not (tc.resume and self._has_checkpoint(out)):
                 tc = dataclasses.replace(tc, init_from=str(prev))
