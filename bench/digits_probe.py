@@ -25,7 +25,7 @@ enc = EfficientNetLiteEncoder.from_packaged()
 size = int(sys.argv[1]); layer = sys.argv[2]  # 'head' (1280) or 'blocks' (320, before head conv)
 pp = ImagePreprocessor(size, enc.image_mean, enc.image_std, 'squash')
 def feats(split):
-    d = json.load(open(f'data/digits/{split}.json'))
+    d = json.load(open(f'data/digits/{split}.json'))  # noqa: SIM115
     ys = torch.tensor([int(r['conversations'][1]['value']) for r in d]); out = []
     for i in range(0, len(d), 100):
         ims = [Image.open('data/digits/' + r['image']).convert('RGB') for r in d[i:i+100]]
