@@ -29,7 +29,7 @@ def feats(split):
     ys = torch.tensor([int(r['conversations'][1]['value']) for r in d]); out = []
     for i in range(0, len(d), 100):
         ims = [Image.open('data/digits/' + r['image']).convert('RGB') for r in d[i:i+100]]
-        px = pp(ims) if callable(pp) else pp.preprocess(ims)
+        px = pp(ims)
         with torch.no_grad():
             net = enc.net
             if layer == 'head':
@@ -44,13 +44,12 @@ def feats(split):
         out.append(f.flatten(2).transpose(1, 2))
     return torch.cat(out), ys
 t = time.time(); Xtr, ytr = feats('train'); Xte, yte = feats('test'); print('features', Xtr.shape, f'{time.time()-t:.0f}s', flush=True)
-for hidden in [576]:
-    D = Xtr.shape[-1]; N = Xtr.shape[1]
-    probe = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.Flatten(), nn.Linear(N * hidden, 10))
-    opt = torch.optim.AdamW(probe.parameters(), 1e-3, weight_decay=0.01)
-    for ep in range(8):
-        perm = torch.randperm(len(Xtr))
-        for i in range(0, len(Xtr), 64):
-            idx = perm[i:i+64]; loss = nn.functional.cross_entropy(probe(Xtr[idx]), ytr[idx]); opt.zero_grad(); loss.backward(); opt.step()
-        with torch.no_grad(): acc = (probe(Xte).argmax(-1) == yte).float().mean().item()
-        print(size, layer, 'epoch', ep, f'acc {acc:.3f}', flush=True)
+hidden, (n_tokens, dim) = 576, Xtr.shape[1:]  # 576: SmolLM2's width, as the connector would map to
+probe = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.Flatten(), nn.Linear(n_tokens * hidden, 10))
+opt = torch.optim.AdamW(probe.parameters(), 1e-3, weight_decay=0.01)
+for ep in range(8):
+    perm = torch.randperm(len(Xtr))
+    for i in range(0, len(Xtr), 64):
+        idx = perm[i:i+64]; loss = nn.functional.cross_entropy(probe(Xtr[idx]), ytr[idx]); opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad(): acc = (probe(Xte).argmax(-1) == yte).float().mean().item()
+    print(size, layer, 'epoch', ep, f'acc {acc:.3f}', flush=True)

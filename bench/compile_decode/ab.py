@@ -37,18 +37,9 @@ lm, tok = load()
 emb = lm.get_input_embeddings()
 dec = FastLM(lm, max_batch=1)
 
-def gen_base(ids, n):
-    s = dec.new_sequence()
-    with torch.inference_mode():
-        lg = dec.prefill(s, emb(ids)); t = [int(lg.argmax())]; logits = [lg]
-        st = []
-        for _ in range(n - 1):
-            t0 = time.perf_counter()
-            lg = dec.decode([s], [t[-1]])[0]; logits.append(lg); t.append(int(lg.argmax()))
-            st.append(time.perf_counter() - t0)
-    dec.free(s); return t, statistics.median(st) * 1e3, logits
-
-def gen_with(runner):
+def gen_with(decode1):
+    """Greedy generation with `decode1(seq, token) -> logits [1, V]` as the decode step; returns the
+    tokens, the median ms per decode step and the logits of every step."""
     def g(ids, n):
         s = dec.new_sequence()
         with torch.inference_mode():
@@ -56,10 +47,13 @@ def gen_with(runner):
             st = []
             for _ in range(n - 1):
                 t0 = time.perf_counter()
-                lg = runner.decode1(s, t[-1])[0]; logits.append(lg); t.append(int(lg.argmax()))
+                lg = decode1(s, t[-1])[0]; logits.append(lg); t.append(int(lg.argmax()))
                 st.append(time.perf_counter() - t0)
         dec.free(s); return t, statistics.median(st) * 1e3, logits
     return g
+
+
+gen_base = gen_with(lambda s, token: dec.decode([s], [token]))
 
 import torch._inductor.config as icfg
 
@@ -67,27 +61,27 @@ if args.cpp_wrapper: icfg.cpp_wrapper = True
 fns = {"base": gen_base}
 for v in args.variants.split(","):
     if v == "eager_step":
-        fns[v] = gen_with(StepRunner(dec, make_step(dec, False)))
+        fns[v] = gen_with(StepRunner(dec, make_step(dec, False)).decode1)
     elif v == "compiled_dyn":
-        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, False), dynamic=True, fullgraph=True)))
+        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, False), dynamic=True, fullgraph=True)).decode1)
     elif v.startswith("c_"):  # c_<kvmode>_<mv>_<dyn|static>
         _, kvmode, mvk, shp = v.split("_")
         if mvk == "mm":
             add_tt(dec)
         if mvk == "baddbmm":
             add_zb(dec)
-        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, shp == "static", kvmode, mvk), dynamic=(shp == "dyn"), fullgraph=True)))
+        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, shp == "static", kvmode, mvk), dynamic=(shp == "dyn"), fullgraph=True)).decode1)
     elif v.startswith("e_"):  # eager variants
         _, kvmode, mvk = v.split("_")
         if mvk == "mm":
             add_tt(dec)
         if mvk == "baddbmm":
             add_zb(dec)
-        fns[v] = gen_with(StepRunner(dec, make_step(dec, False, kvmode, mvk)))
+        fns[v] = gen_with(StepRunner(dec, make_step(dec, False, kvmode, mvk)).decode1)
     elif v == "compiled_static":
-        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, True), fullgraph=True)))
+        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, True), fullgraph=True)).decode1)
     elif v == "compiled_dyn_maxat":
-        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, False), dynamic=True, mode="max-autotune-no-cudagraphs")))
+        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, False), dynamic=True, mode="max-autotune-no-cudagraphs")).decode1)
 
 ids_list = [prompt_ids(tok, i) for i in range(args.prompts)]
 ref = {}

@@ -15,7 +15,10 @@ from ..errors import ConfigError
 
 def add_lora(lm: nn.Module, rank: int, alpha: float, targets: str) -> int:
     """Inject LoRA adapters (A random, B zero: the LM is unchanged until trained); returns their size."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError('lm_lora_rank > 0 needs peft: pip install "visprompt[lora]" (or pip install peft)') from None
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
     present = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
