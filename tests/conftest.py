@@ -30,7 +30,7 @@ def shapes_dir(tmp_path_factory):
     from visprompt.data.shapes import generate_shapes_dataset
 
     out = tmp_path_factory.mktemp("shapes")
-    generate_shapes_dataset(out, n_train=48, n_test=8, seed=3)
+    generate_shapes_dataset(out, n_train=48, n_test=8, seed=3, turns_per_record=0, image_after_question=False)  # multi-turn, image first
     return out
 
 

@@ -48,22 +48,42 @@ def test_layout_and_reader(dataset):
     out, summary = dataset
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         raw = _raw(out, split)
-        assert len(raw) == n == summary[split]["images"]
+        # Default layout: one record per question (4 per image), the image after the question.
+        assert len(raw) == 4 * n == summary[split]["records"] and summary[split]["images"] == n
         records = load_llava_records(out / f"{split}.json")
-        assert [r.id for r in records] == [f"{split}-{i:05d}" for i in range(n)]
+        assert [r.id for r in records] == [f"{split}-{i:05d}-{q}" for i in range(n) for q in range(4)]
         for item, rec in zip(raw, records):
             assert item["image"] == f"images/{split}/{item['id'].split('-')[1]}.png"  # relative
             assert rec.images == [str((out / item["image"]).resolve())]
             assert Path(rec.images[0]).is_file()
-            # <image> exactly once, at the start of the first question.
-            assert rec.turns[0][0].startswith("<image>\n")
-            assert sum(h.count("<image>") for h, _ in rec.turns) == 1
-            assert len(rec.extra["kinds"]) == len(rec.turns) == 4
-            for _, answer in rec.turns:
-                assert answer == answer.strip().lower() and not answer.endswith(".")
+            assert len(rec.turns) == len(rec.extra["kinds"]) == 1
+            question, answer = rec.turns[0]
+            assert question.endswith("?\n<image>") or question.endswith(".\n<image>"), question
+            assert question.count("<image>") == 1
+            assert answer == answer.strip().lower() and not answer.endswith(".")
         assert summary[split]["questions"] == sum(len(r.turns) for r in records)
     with Image.open(out / "images/train/00000.png") as im:
         assert im.size == (128, 128) and im.mode == "RGB"
+
+
+def test_multi_turn_image_first_layout_has_the_same_scenes(dataset, tmp_path):
+    out, _ = dataset
+    generate_shapes_dataset(tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=0, turns_per_record=0, image_after_question=False)
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        raw = _raw(tmp_path, split)
+        assert [r["id"] for r in raw] == [f"{split}-{i:05d}" for i in range(n)]
+        records = load_llava_records(tmp_path / f"{split}.json")
+        for rec in records:
+            # <image> exactly once, at the start of the first question; every question in one record.
+            assert rec.turns[0][0].startswith("<image>\n")
+            assert sum(h.count("<image>") for h, _ in rec.turns) == 1
+            assert len(rec.extra["kinds"]) == len(rec.turns) == 4
+        # Same scenes and the same questions as the default layout, only arranged differently.
+        default = _raw(out, split)
+        assert [r["scene"] for r in raw] == [r["scene"] for r in default[::4]]
+        flat = [(t["value"].replace("<image>", "").strip(), a["value"]) for r in raw for t, a in zip(r["conversations"][0::2], r["conversations"][1::2])]
+        assert flat == [(r["conversations"][0]["value"].replace("<image>", "").strip(), r["conversations"][1]["value"]) for r in default]
+        assert (tmp_path / "images/train/00007.png").read_bytes() == (out / "images/train/00007.png").read_bytes()
 
 
 def test_deterministic(dataset, tmp_path):
@@ -81,7 +101,7 @@ def test_deterministic(dataset, tmp_path):
 def test_test_scenes_are_new(dataset):
     out, _ = dataset
     train = {scene_from_record(r).signature() for r in _raw(out, "train")}
-    test = [scene_from_record(r).signature() for r in _raw(out, "test")]
+    test = [scene_from_record(r).signature() for r in _raw(out, "test")[::4]]  # 4 records per image
     assert not train & set(test)
     assert len(set(test)) == len(test)
 
@@ -103,7 +123,7 @@ def test_answers_match_scene(dataset):
             scene = scene_from_record(item)
             turns = item["conversations"]
             for kind, human, gpt in zip(item["kinds"], turns[0::2], turns[1::2]):
-                question = human["value"].removeprefix("<image>\n")
+                question = human["value"].removeprefix("<image>\n").removesuffix("\n<image>")
                 # Re-derived by parsing the question back; None would mean ambiguous or unparseable.
                 assert answer_question(scene, kind, question) == gpt["value"], (item["id"], question)
             objs = item["scene"]["objects"]
@@ -292,6 +312,6 @@ def test_save_roundtrip(images):
 def test_restricted_kinds_never_give_an_empty_record(tmp_path):
     from visprompt.data.llava import load_llava_records
 
-    generate_shapes_dataset(tmp_path, n_train=60, n_test=10, seed=1, kinds=["color", "shape"], max_objects=2, questions_per_image=2)
+    generate_shapes_dataset(tmp_path, n_train=60, n_test=10, seed=1, kinds=["color", "shape"], max_objects=2, questions_per_image=2, turns_per_record=0)
     records = load_llava_records(tmp_path / "train.json")
     assert len(records) == 60 and all(r.turns for r in records)

@@ -200,3 +200,49 @@ def test_lora_trains_only_adapters_in_the_lm_and_saves_merged_weights(tmp_path, 
         assert torch.allclose(model.lm(input_ids=ids).logits, loaded.lm(input_ids=ids).logits, atol=1e-5)
     with pytest.raises(ConfigError):
         Trainer(load_recipe(path, ["model.lm_lora_rank=4", "model.lm_lora_targets=nope_proj", "output_dir=" + str(tmp_path / "r2")])).train()
+
+
+def test_stored_features_of_a_frozen_encoder_give_the_same_loss(shapes_dir):
+    from visprompt.data.llava import load_llava_records
+    from visprompt.images import ImagePreprocessor
+    from visprompt.models.config import VLMConfig
+    from visprompt.train.dataset import VLMDataset, collate, record_texts
+
+    records = load_llava_records(shapes_dir / "train.json")[:6]
+    model = VisionLanguageModel.build(VLMConfig(**TINY_MODEL), record_texts(records)).eval()
+    pp = ImagePreprocessor(model.cfg.image_size, model.cfg.image_mean, model.cfg.image_std, model.cfg.image_resize_mode)
+    ds = VLMDataset(records, model, 512, pp)
+    pad = model.tokenizer.pad_token_id
+    b = collate([ds[i] for i in range(len(ds))], pad)
+    ref = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"]).loss
+    kept = ds.store_vision_features(model.vision, batch_size=4)
+    assert kept == 6 * model.cfg.vision_num_patches * model.vision(b["pixel_values"][:1]).shape[-1] * 4
+    c = collate([ds[i] for i in range(len(ds))], pad)
+    assert c["pixel_values"] is None and c["vision_features"].shape[0] == 6
+    got = model(c["input_ids"], c["attention_mask"], vision_features=c["vision_features"], labels=c["labels"]).loss
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        VLMDataset(records, model, 512, pp, augment=True).store_vision_features(model.vision)
+
+
+def test_trainer_stores_frozen_features_and_saves_the_prompt_layout(tmp_path, capfd):
+    from visprompt.data.shapes import generate_shapes_dataset
+    from visprompt.engine.backends.own import OwnVLMBackend
+    from visprompt.engine.prompting import render_content
+    from visprompt.tasks.assistant import user_turn
+
+    data = tmp_path / "data"
+    generate_shapes_dataset(data, n_train=12, n_test=3, seed=5)  # default: one question per record, image after it
+    path = write_recipe(tmp_path, data, vision_lr=0.0, max_steps=2, eval_max_records=3)
+    Trainer(load_recipe(path)).train()
+    assert "frozen encoder run once over 12 images" in capfd.readouterr().err
+    model = VisionLanguageModel.from_pretrained(tmp_path / "run")
+    assert model.cfg.image_after_text is True
+    assert OwnVLMBackend(model).image_after_text is True
+    # ask() then renders the question the way the training records put it: "question\n<image>".
+    record = json.loads((data / "test.json").read_text())[0]
+    question = record["conversations"][0]["value"].removesuffix("\n<image>")
+    text, images = render_content(user_turn(["x.png"], question, image_after_text=True), "<image>")
+    assert text == record["conversations"][0]["value"] and images == ["x.png"]
+    text, _ = render_content(user_turn(["x.png"], question), "<image>")
+    assert text == "<image>\n" + question

@@ -35,7 +35,7 @@ ap.add_argument('--set', nargs='*', default=[]); ap.add_argument('--steps', type
 ap.add_argument('--lr', type=float, default=2e-3); ap.add_argument('--data', default='data/shapes')
 ap.add_argument('--ntrain', type=int, default=0); ap.add_argument('--bs', type=int, default=32); ap.add_argument('--every', type=int, default=100)
 ap.add_argument('--align', type=int, default=0); ap.add_argument('--wd', type=float, default=0.01); ap.add_argument('--warm', type=int, default=50)
-ap.add_argument('--kinds', default=''); ap.add_argument('--oscale', type=float, default=1.0); ap.add_argument('--alignfile', default=''); ap.add_argument('--recon', type=int, default=0); ap.add_argument('--ofmt', default='oracle'); ap.add_argument('--linconn', action='store_true'); ap.add_argument('--bnin', action='store_true'); ap.add_argument('--vfreeze', action='store_true'); ap.add_argument('--pscale', type=float, default=0.02); ap.add_argument('--real', action='store_true')
+ap.add_argument('--kinds', default=''); ap.add_argument('--oscale', type=float, default=1.0); ap.add_argument('--alignfile', default=''); ap.add_argument('--recon', type=int, default=0); ap.add_argument('--ofmt', default='oracle'); ap.add_argument('--linconn', action='store_true'); ap.add_argument('--bnin', action='store_true'); ap.add_argument('--vfreeze', action='store_true'); ap.add_argument('--pscale', type=float, default=0.02); ap.add_argument('--real', action='store_true'); ap.add_argument('--cache', action='store_true'); ap.add_argument('--turnloss', action='store_true')
 a = ap.parse_args()
 torch.set_num_threads(1); torch.manual_seed(0); random.seed(0)
 rec = load_recipe('recipes/shapes-tiny.yaml', a.set)
@@ -71,12 +71,21 @@ def items(js, path):
     out = []
     for i, (r, ex) in enumerate(zip(recs, ds.examples)):
         it = {'input_ids': ex.input_ids, 'labels': ex.labels, 'pixel_values': None, 'oracle': feat(byid[r.id])[None], 'kinds': byid[r.id].get('kinds', []), 'path': ex.images[0]}
-        if a.real: it['pixel_values'] = ds[i]['pixel_values']
+        if a.real:
+            if it['path'] not in pix_cache: pix_cache[it['path']] = ds[i]['pixel_values']  # one tensor per image file
+            it['pixel_values'] = pix_cache[it['path']]
+        if a.cache:
+            if it['path'] not in feat_cache:
+                with torch.no_grad(): feat_cache[it['path']] = m.vision(it['pixel_values'])  # frozen encoder: features once per image
+            it['pixel_values'] = feat_cache[it['path']]
         out.append(it)
     return out
+if a.cache:
+    m.vision.eval(); m.encode_images = lambda f: m.connector(f)
+t_c = time.time(); feat_cache = {}; pix_cache = {}
 tr = items(trj, f'{a.data}/train.json'); te = items(tej, f'{a.data}/test.json')
 af = a.alignfile or f'{a.data}/align.json'; al = items(json.load(open(af)), af) if a.align else []
-print('train records', len(tr), 'test', len(te), flush=True)
+print('train records', len(tr), 'test', len(te), f'prep {time.time()-t_c:.0f}s', flush=True)
 D = cfg.lm_config['hidden_size']
 proj = torch.nn.Linear(13, D); pos = torch.nn.Parameter(torch.randn(9, D) * a.pscale)
 lnorm = torch.nn.LayerNorm(D)
@@ -91,7 +100,7 @@ def coll(b):
     out = collate(b, 0)
     if not a.real: out['pixel_values'] = torch.cat([i['oracle'] for i in b])
     return out
-params = [p for n_, p in m.named_parameters() if not (a.vfreeze and n_.startswith('vision.'))] + ([] if a.real else list(proj.parameters()) + list(lnorm.parameters()) + [pos])
+params = [p for n_, p in m.named_parameters() if not ((a.vfreeze or a.cache) and n_.startswith('vision.'))] + ([] if a.real else list(proj.parameters()) + list(lnorm.parameters()) + [pos])
 opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warm))
 def evaluate():
@@ -131,11 +140,24 @@ if a.recon:
         loss = torch.nn.functional.mse_loss(head(m.vision(X[idx])), tgt_all[idx])
         ropt.zero_grad(); loss.backward(); ropt.step()
         if s_ % 100 == 0: print('recon', s_, round(loss.item(), 4), f'{time.time()-t1:.0f}s', flush=True)
+def turn_loss(logits, labels):
+    # every answer turn weighs the same, however many tokens it has
+    lab = labels[:, 1:]; lg = logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lab.reshape(-1), ignore_index=-100, reduction='none').view_as(lab)
+    mask = lab != -100
+    start = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+    turn_id = torch.cumsum(start.long(), 1) * mask  # 1.. per row
+    w = torch.zeros_like(ce)
+    for r in range(lab.shape[0]):
+        ids = turn_id[r]; n = torch.bincount(ids)
+        w[r] = torch.where(mask[r], 1.0 / n[ids].clamp(min=1), torch.zeros(()))
+    return (ce * w).sum() / start.sum()
 m.train(); t0 = time.time()
 for step in range(1, a.steps + 1):
     pool = al if step <= a.align else tr
     b = coll(random.sample(pool, a.bs))
     out = m(b['input_ids'], b['attention_mask'], b['pixel_values'], labels=b['labels'])
+    if a.turnloss: out.loss = turn_loss(out.logits, b['labels'])
     opt.zero_grad(); out.loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
     if step % a.every == 0 or step == a.steps:
         acc, by = evaluate()

@@ -136,12 +136,18 @@ def data_shapes(
     train: int = typer.Option(2000, "--train", help="Training scenes."),
     test: int = typer.Option(200, "--test", help="Held-out scenes."),
     seed: int = typer.Option(0, "--seed"),
+    questions: int = typer.Option(4, "--questions", help="Questions per image."),
+    turns_per_record: int = typer.Option(1, "--turns-per-record", help="Questions per record (0: all of an image's in one multi-turn record)."),
+    image_first: bool = typer.Option(False, "--image-first", help="Put the image before the question (LLaVA's usual layout); the default puts it after."),
 ):
     """Draw synthetic scenes of 1-4 shapes with captions and questions (LLaVA JSON): train.json,
     test.json, and align.json (the one-object training scenes, for a first training stage)."""
     from ..data.shapes import generate_shapes_dataset
 
-    summary = generate_shapes_dataset(output_dir, n_train=train, n_test=test, seed=seed)
+    summary = generate_shapes_dataset(
+        output_dir, n_train=train, n_test=test, seed=seed, questions_per_image=questions,
+        turns_per_record=turns_per_record, image_after_question=not image_first,
+    )
     print(json.dumps(summary), file=sys.stderr)
     print(output_dir)
 

@@ -365,6 +365,8 @@ def generate_shapes_dataset(
     questions_per_image: int = 4,
     kinds: Sequence[str] | None = None,
     max_objects: int = 4,
+    turns_per_record: int = 1,
+    image_after_question: bool = True,
 ) -> dict[str, Any]:
     """Write a shapes VQA dataset to `out_dir` and return a summary.
 
@@ -373,6 +375,13 @@ def generate_shapes_dataset(
     object, for a first "alignment" stage (a model learns to read the image tokens at all far sooner
     when every question is about the only object in view; see recipes/shapes-tiny.yaml). Each record also has `kinds` (question kind of each gpt turn) and
     `scene` (background, and per object: shape, color, size, row, col, position, bbox, rgb).
+    Prompt layout: by default every question is its own record (`turns_per_record=1`; 0 puts all of
+    an image's questions in one multi-turn record) with the image *after* the question
+    ("How many squares are there?\n<image>"), so the image tokens can attend to the question. In a
+    diagnostic with perfect image features, a tiny LM trained from scratch on this layout reached
+    92% held-out exact match in 1,500 steps, against 60% with the same questions image-first
+    (bench/diagnostics/shapes_learning.py, README). Changing the layout does not change the scenes.
+
     Deterministic: the same arguments give byte-identical files. Test scenes never share a
     signature (shapes, colours, sizes, cells) with a training scene or with each other.
     """
@@ -386,6 +395,8 @@ def generate_shapes_dataset(
         raise ConfigError(f"image_size must be >= 48 (got {image_size}) for shapes to stay recognisable")
     if questions_per_image < 1:
         raise ConfigError("questions_per_image must be >= 1")
+    if turns_per_record < 0:
+        raise ConfigError("turns_per_record must be >= 0 (0: all of an image's questions in one record)")
     if not 1 <= max_objects <= 9:
         raise ConfigError("max_objects must be between 1 and 9")
 
@@ -397,20 +408,22 @@ def generate_shapes_dataset(
         rng = random.Random(f"visprompt-shapes:{seed}:{split}")
         forbidden = train_signatures if split == "test" else None
         records, signatures = _generate_split(
-            out, split, n, rng, image_size, questions_per_image, kinds, max_objects, forbidden
+            out, split, n, rng, image_size, questions_per_image, kinds, max_objects, forbidden,
+            turns_per_record, image_after_question,
         )
         if split == "train":
             train_signatures = signatures
             align = [r for r in records if len(r["scene"]["objects"]) == 1]
             (out / "align.json").write_text(json_list_text(align), encoding="utf-8")
-            summary["align"] = {"images": len(align), "json": str(out / "align.json")}
+            summary["align"] = {"images": len({r["image"] for r in align}), "records": len(align), "json": str(out / "align.json")}
         (out / f"{split}.json").write_text(json_list_text(records), encoding="utf-8")
         kind_counts = Counter(k for r in records for k in r["kinds"])
         answers = Counter(
             turn["value"] for r in records for turn in r["conversations"] if turn["from"] == "gpt"
         )
         summary[split] = {
-            "images": len(records),
+            "images": len({r["image"] for r in records}),
+            "records": len(records),
             "questions": sum(kind_counts.values()),
             "kinds": {k: kind_counts.get(k, 0) for k in kinds},
             "yes": answers.get("yes", 0),
@@ -430,6 +443,8 @@ def _generate_split(
     kinds: Sequence[str],
     max_objects: int,
     forbidden: set[tuple] | None,
+    turns_per_record: int = 0,
+    image_after_question: bool = False,
 ) -> tuple[list[dict], set[tuple]]:
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -454,19 +469,24 @@ def _generate_split(
         image, scene_meta = render_scene(scene, rng, image_size)
         name = f"{i:0{width}d}.png"
         image.save(image_dir / name, format="PNG", optimize=False)
-        conversations = []
-        for j, (_kind, question, answer) in enumerate(qas):
-            conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + question})
-            conversations.append({"from": "gpt", "value": answer})
-        records.append(
-            {
-                "id": f"{split}-{i:0{width}d}",
-                "image": f"images/{split}/{name}",
-                "conversations": conversations,
-                "kinds": [kind for kind, _, _ in qas],
-                "scene": scene_meta,
-            }
-        )
+        per = turns_per_record or len(qas)
+        chunks = [qas[k : k + per] for k in range(0, len(qas), per)]
+        for c, chunk in enumerate(chunks):
+            conversations = []
+            for j, (_kind, question, answer) in enumerate(chunk):
+                if j == 0:
+                    question = f"{question}\n<image>" if image_after_question else f"<image>\n{question}"
+                conversations.append({"from": "human", "value": question})
+                conversations.append({"from": "gpt", "value": answer})
+            records.append(
+                {
+                    "id": f"{split}-{i:0{width}d}" + (f"-{c}" if len(chunks) > 1 else ""),
+                    "image": f"images/{split}/{name}",
+                    "conversations": conversations,
+                    "kinds": [kind for kind, _, _ in chunk],
+                    "scene": scene_meta,
+                }
+            )
     return records, signatures
 
 

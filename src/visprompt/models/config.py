@@ -85,6 +85,10 @@ class VLMConfig:
     tokenizer_vocab_size: int = 1024  # for a tokenizer trained on the data
     image_token: str = "<image>"
     system_prompt: str = ""  # used when a conversation has no system message, in training and generation
+    # Where `ask`/`describe` put the image in the user's message: before the text (LLaVA's usual
+    # layout) or after it. The trainer sets it from the training data, so a model is asked the way
+    # it was trained. Explicit content lists (`generate`, the HTTP server) keep their own order.
+    image_after_text: bool = False
     image_token_id: int = -1  # filled in once the tokenizer exists
     # Placeholder tokens per image in the prompt, filled in once the encoder and connector exist:
     # the connector's output length for prefix/mixture, 1 for cross_attention.

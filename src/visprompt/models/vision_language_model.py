@@ -159,7 +159,12 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [n_images, 3, H, W] -> image embeddings [n_images, image_feature_tokens, D_lm]
-        features = self.connector(self.vision(pixel_values))
+        return self.encode_vision_features(self.vision(pixel_values))
+
+    def encode_vision_features(self, vision_features: torch.Tensor) -> torch.Tensor:
+        # The part of encode_images after the encoder: [n_images, N, Dv] patch tokens -> image embeddings.
+        # The trainer calls it on stored outputs of a frozen encoder.
+        features = self.connector(vision_features)
         if isinstance(self.fusion, CrossAttentionFusion):
             features = self.fusion.encode(features)  # the resampler, when there is one
         return features
@@ -196,10 +201,14 @@ class VisionLanguageModel(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        vision_features: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Logits (mixture fusion with several images: log-probabilities) and, with use_cache, a cache
-        to pass back as past_key_values; its type depends on the fusion."""
-        if image_embeds is None and pixel_values is not None:
+        to pass back as past_key_values; its type depends on the fusion. Images come as pixel_values,
+        as the vision encoder's outputs (vision_features, [n_images, N, Dv]) or as image_embeds."""
+        if image_embeds is None and vision_features is not None:
+            image_embeds = self.encode_vision_features(vision_features)
+        elif image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_images(pixel_values)
         weights = None
         args = (input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep)

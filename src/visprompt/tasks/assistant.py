@@ -24,8 +24,12 @@ def _is_batch(x: Any) -> bool:
     return isinstance(x, (list, tuple))
 
 
-def user_turn(images: Sequence[Any], text: str) -> dict[str, Any]:
-    return {"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": text}]}
+def user_turn(images: Sequence[Any], text: str, image_after_text: bool = False) -> dict[str, Any]:
+    """A user message; the images go after the text (as "text\\n<image>") for models trained that way."""
+    parts = [{"type": "image", "image": im} for im in images]
+    if image_after_text and parts:
+        return {"role": "user", "content": [{"type": "text", "text": text + "\n"}, *parts]}
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
 class Assistant:
@@ -55,14 +59,15 @@ class Assistant:
 
     def ask(self, image: Any, question: str | Sequence[str], **sampling: Any) -> str | list[str]:
         """Answer a question about an image. Lists of images (and of questions) run as one batch."""
+        after = bool(getattr(self.backend, "image_after_text", False))
         if _is_batch(image):
             questions = list(question) if _is_batch(question) else [question] * len(image)
             if len(questions) != len(image):
                 raise VispromptError(f"{len(image)} images but {len(questions)} questions")
-            return self.generate([[user_turn([im], q)] for im, q in zip(image, questions)], **sampling)
+            return self.generate([[user_turn([im], q, after)] for im, q in zip(image, questions)], **sampling)
         if _is_batch(question):
-            return self.generate([[user_turn([image], q)] for q in question], **sampling)
-        return self.generate([user_turn([image], question)], **sampling)
+            return self.generate([[user_turn([image], q, after)] for q in question], **sampling)
+        return self.generate([user_turn([image], question, after)], **sampling)
 
     def describe(self, image: Any, style: str = "brief", **sampling: Any) -> str | list[str]:
         if style not in DESCRIBE_PROMPTS:

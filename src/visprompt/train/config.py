@@ -39,6 +39,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's LR
     grad_clip: float = 1.0
     augment: bool = False
+    # With a frozen encoder (vision_lr 0) and no augmentation, run it once per distinct training
+    # image and train on its stored outputs (kept in memory, up to cache_vision_features_gb).
+    cache_vision_features: bool = True
+    cache_vision_features_gb: float = 8.0
 
     dtype: str = "float32"  # float32 | bfloat16 (autocast; slow on CPUs without bf16 units)
     num_threads: int = 0  # 0: torch default

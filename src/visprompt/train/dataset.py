@@ -51,6 +51,7 @@ class VLMDataset(Dataset):
         self.preprocess = preprocess
         self.augment = augment
         self.rng = random.Random(seed)
+        self.vision_features: dict[str, torch.Tensor] | None = None  # see store_vision_features
         self.examples: list[Example] = []
         tok, cfg = model.tokenizer, model.cfg
         skipped = 0
@@ -74,6 +75,9 @@ class VLMDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
+        if self.vision_features is not None:  # a frozen encoder's stored outputs, one per image file
+            feats = torch.stack([self.vision_features[p] for p in ex.images]) if ex.images else None
+            return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": None, "vision_features": feats}
         images = [load_image(p) for p in ex.images]
         if self.augment:
             from ..images.preprocess import augment
@@ -81,6 +85,30 @@ class VLMDataset(Dataset):
             images = [augment(im, self.rng) for im in images]
         pixels = self.preprocess(images) if images else None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+
+
+    def image_paths(self) -> list[str]:
+        """Every distinct image file of the examples, in first-use order."""
+        return list(dict.fromkeys(p for ex in self.examples for p in ex.images))
+
+    @torch.no_grad()
+    def store_vision_features(self, vision: torch.nn.Module, batch_size: int = 64) -> int:
+        """Run a frozen encoder once over every distinct image and serve its outputs from then on
+        (as `vision_features`), instead of decoding and encoding the images again every epoch.
+        Only valid while the encoder does not change and without augmentation. Returns the bytes kept."""
+        if self.augment:
+            raise ValueError("stored vision features would freeze the augmentation; turn one of them off")
+        store: dict[str, torch.Tensor] = {}
+        paths = self.image_paths()
+        was_training = vision.training
+        vision.eval()
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            feats = vision(self.preprocess([load_image(p) for p in chunk]))  # [n, N, Dv]
+            store.update((p, f.clone()) for p, f in zip(chunk, feats))
+        vision.train(was_training)
+        self.vision_features = store
+        return sum(f.numel() * f.element_size() for f in store.values())
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor | None]:
@@ -95,4 +123,8 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor | None]:
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
     pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": torch.cat(pixels) if pixels else None}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": torch.cat(pixels) if pixels else None}
+    if any("vision_features" in b for b in batch):
+        feats = [b["vision_features"] for b in batch if b.get("vision_features") is not None]
+        out["vision_features"] = torch.cat(feats) if feats else None
+    return out

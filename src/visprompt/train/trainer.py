@@ -23,10 +23,10 @@ from ..data.llava import load_llava_records
 from ..engine.backends.own import OwnVLMBackend
 from ..errors import ConfigError
 from ..eval.vqa import evaluate_vqa
-from ..images import ImagePreprocessor
+from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
 from .config import Recipe
-from .dataset import VLMDataset, collate, record_texts
+from .dataset import LLAVA_IMAGE_MARKER, VLMDataset, collate, record_texts
 
 STATE_NAME = "trainer_state.pt"
 
@@ -108,6 +108,20 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def image_after_text(records) -> bool | None:
+    """Whether most training turns with an image put it after their text ("Q?\\n<image>"); None
+    when no turn has an image. Saved in the model's config, so `ask` uses the trained layout."""
+    after = before = 0
+    for rec in records:
+        for human, _ in rec.turns:
+            if LLAVA_IMAGE_MARKER in human:
+                if human.split(LLAVA_IMAGE_MARKER, 1)[0].strip():
+                    after += 1
+                else:
+                    before += 1
+    return None if after + before == 0 else after > before
+
+
 class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -181,6 +195,9 @@ class Trainer:
         elif model is None:
             model = self._build_model(train_records)
         self.model = model
+        layout = image_after_text(train_records)
+        if layout is not None:
+            model.cfg.image_after_text = layout
         if self.recipe.model.lm_lora_rank > 0:  # the recipe's LoRA settings win over a loaded model's
             for key in ("lm_lora_rank", "lm_lora_alpha", "lm_lora_targets"):
                 setattr(model.cfg, key, getattr(self.recipe.model, key))
@@ -201,6 +218,8 @@ class Trainer:
         lrs = {"vision": tc.vision_lr, "connector": tc.connector_lr, "lm": tc.lm_lr}
         counts = freeze_parts(model, lrs)
         self.lrs = lrs
+        if tc.cache_vision_features and lrs["vision"] == 0 and not tc.augment:
+            self._store_vision_features(dataset, model, tc)
         train_mode(model, lrs)
         optimizer = build_optimizer(model, lrs, tc.weight_decay)
         steps_per_epoch = max(1, len(loader) // tc.grad_accum)
@@ -235,7 +254,7 @@ class Trainer:
             while step < total:
                 for micro, batch in enumerate(loader):
                     with autocast:
-                        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], labels=batch["labels"])
+                        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], vision_features=batch.get("vision_features"), labels=batch["labels"])
                     (out.loss / tc.grad_accum).backward()
                     window_loss += out.loss.item()
                     window_n += 1
@@ -278,6 +297,22 @@ class Trainer:
         (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._write_model_card(summary)
         return summary
+
+    @staticmethod
+    def _store_vision_features(dataset: VLMDataset, model: VisionLanguageModel, tc) -> None:
+        """The frozen encoder runs once per distinct image instead of once per example and epoch."""
+        paths = dataset.image_paths()
+        if not paths:
+            return
+        with torch.no_grad():
+            one = model.vision.eval()(dataset.preprocess([load_image(paths[0])]))  # [1, N, Dv]
+        need = one.numel() * one.element_size() * len(paths)
+        if need > tc.cache_vision_features_gb * 2**30:
+            print(f"not storing the frozen encoder's outputs: {need / 2**30:.1f} GiB for {len(paths)} images is over cache_vision_features_gb={tc.cache_vision_features_gb}", file=sys.stderr)
+            return
+        t0 = time.time()
+        kept = dataset.store_vision_features(model.vision, tc.eval_batch_size)
+        print(f"frozen encoder run once over {len(paths)} images: {kept / 2**20:.0f} MiB of features in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     # -- evaluation and checkpoints ----------------------------------------------------------------
     @torch.no_grad()

@@ -80,6 +80,11 @@ class OwnVLMBackend:
         self._lm_version: tuple | None = None
         self._vision_version: tuple | None = None
 
+    @property
+    def image_after_text(self) -> bool:
+        """The prompt layout the model was trained on (`VLMConfig.image_after_text`)."""
+        return bool(getattr(self.model.cfg, "image_after_text", False))
+
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu", **kwargs) -> "OwnVLMBackend":
         return cls(VisionLanguageModel.from_pretrained(folder, device=device), name=str(folder), **kwargs)
