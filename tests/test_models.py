@@ -145,3 +145,19 @@ def test_missing_hub_model_is_one_clear_line(monkeypatch):
     with pytest.raises(ModelNotFoundError) as e:
         VisionLanguageModel.build(VLMConfig(vision_source="no-such-org/no-such-model"), TEXTS)
     assert "visprompt pull no-such-org/no-such-model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_connector_output_gain_sets_the_image_tokens_starting_scale():
+    quiet = VisionLanguageModel.build(tiny_config(), TEXTS)
+    loud = VisionLanguageModel.build(tiny_config(connector_output_gain=15.0), TEXTS)
+    for model, gain in ((quiet, 1.0), (loud, 15.0)):
+        text_rms = float(model.lm.get_input_embeddings().weight.pow(2).mean().sqrt())
+        w = model.connector.out_norm.weight
+        assert torch.allclose(w, torch.full_like(w, gain * text_rms))
+    pixels = torch.randn(2, 3, quiet.cfg.image_size, quiet.cfg.image_size)
+    with torch.no_grad():
+        rms_quiet = quiet.encode_images(pixels).pow(2).mean().sqrt()
+        rms_loud = loud.encode_images(pixels).pow(2).mean().sqrt()
+    assert 10 < float(rms_loud / rms_quiet) < 20
+    with pytest.raises(ConfigError):
+        tiny_config(connector_output_gain=0.0)

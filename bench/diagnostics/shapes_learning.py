@@ -35,7 +35,7 @@ ap.add_argument('--set', nargs='*', default=[]); ap.add_argument('--steps', type
 ap.add_argument('--lr', type=float, default=2e-3); ap.add_argument('--data', default='data/shapes')
 ap.add_argument('--ntrain', type=int, default=0); ap.add_argument('--bs', type=int, default=32); ap.add_argument('--every', type=int, default=100)
 ap.add_argument('--align', type=int, default=0); ap.add_argument('--wd', type=float, default=0.01); ap.add_argument('--warm', type=int, default=50)
-ap.add_argument('--kinds', default=''); ap.add_argument('--oscale', type=float, default=1.0); ap.add_argument('--alignfile', default=''); ap.add_argument('--recon', type=int, default=0); ap.add_argument('--ofmt', default='oracle'); ap.add_argument('--linconn', action='store_true'); ap.add_argument('--bnin', action='store_true'); ap.add_argument('--vfreeze', action='store_true'); ap.add_argument('--pscale', type=float, default=0.02); ap.add_argument('--real', action='store_true'); ap.add_argument('--cache', action='store_true'); ap.add_argument('--turnloss', action='store_true')
+ap.add_argument('--kinds', default=''); ap.add_argument('--oscale', type=float, default=1.0); ap.add_argument('--alignfile', default=''); ap.add_argument('--recon', type=int, default=0); ap.add_argument('--ofmt', default='oracle'); ap.add_argument('--linconn', action='store_true'); ap.add_argument('--bnin', action='store_true'); ap.add_argument('--vfreeze', action='store_true'); ap.add_argument('--pscale', type=float, default=0.02); ap.add_argument('--real', action='store_true'); ap.add_argument('--cache', action='store_true'); ap.add_argument('--turnloss', action='store_true'); ap.add_argument('--vlr', type=float, default=0.0)
 a = ap.parse_args()
 torch.set_num_threads(1); torch.manual_seed(0); random.seed(0)
 rec = load_recipe('recipes/shapes-tiny.yaml', a.set)
@@ -101,7 +101,11 @@ def coll(b):
     if not a.real: out['pixel_values'] = torch.cat([i['oracle'] for i in b])
     return out
 params = [p for n_, p in m.named_parameters() if not ((a.vfreeze or a.cache) and n_.startswith('vision.'))] + ([] if a.real else list(proj.parameters()) + list(lnorm.parameters()) + [pos])
-opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
+if a.vlr:  # separate learning rate for the vision encoder + connector
+    img = {id(p) for n_, p in m.named_parameters() if n_.startswith(('vision.', 'connector.'))}
+    opt = torch.optim.AdamW([{'params': [p for p in params if id(p) in img], 'lr': a.vlr}, {'params': [p for p in params if id(p) not in img]}], lr=a.lr, weight_decay=a.wd)
+else:
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warm))
 def evaluate():
     m.eval(); hit = collections.Counter(); tot = collections.Counter()

@@ -45,6 +45,10 @@ class VLMConfig:
     connector_hidden_size: int = 0  # 0: the LM's hidden size
     connector_pixel_shuffle: int = 1  # factor r: r*r neighbouring patches merge into one token
     connector_dropout: float = 0.0
+    # Image tokens start at this multiple of the LM's token-embedding RMS (its output LayerNorm's
+    # initial weight and the learned positions' scale). Louder than text (e.g. 15) lets an LM trained
+    # from scratch find them sooner (README, shapes diagnostics); 1 suits a pretrained LM.
+    connector_output_gain: float = 1.0
 
     # --- fusion ---------------------------------------------------------------------------
     # prefix: image tokens overwrite placeholder embeddings (LLaVA, nanoVLM).
@@ -103,6 +107,8 @@ class VLMConfig:
         for name in ("xattn_heads", "resampler_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.connector_output_gain > 0:
+            raise ConfigError(f"connector_output_gain must be > 0, got {self.connector_output_gain}")
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
 
