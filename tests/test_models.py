@@ -130,6 +130,13 @@ def test_hf_vision_encoder_and_lm_from_local_folders(tmp_path):
     assert clip_vlm.cfg.image_mean[0] == pytest.approx(0.48145466)  # CLIP's own normalisation
     resnet_vlm = VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64))
     assert resnet_vlm.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, resnet_vlm.cfg.tokens_per_image, 32)
+    # A CNN's middle stage by vision_feature_layer (transformers' hidden_states: 1 = first stage).
+    stage1 = VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64, vision_feature_layer=1))
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        want = stage1.vision.model(pixel_values=x, output_hidden_states=True).hidden_states[1]  # [1, 16, 16, 16]
+        assert stage1.vision.hidden_size == 16 and stage1.cfg.vision_num_patches == 16 * 16
+        assert torch.equal(stage1.vision(x), want.flatten(2).transpose(1, 2))
     # Saved and reloaded without the source folders.
     clip_vlm.save_pretrained(tmp_path / "vlm")
     for d in (clip_dir, lm_dir):
@@ -161,3 +168,23 @@ def test_connector_output_gain_sets_the_image_tokens_starting_scale():
     assert 10 < float(rms_loud / rms_quiet) < 20
     with pytest.raises(ConfigError):
         tiny_config(connector_output_gain=0.0)
+
+
+def test_batch_input_norm_standardises_each_channel_and_round_trips(tmp_path):
+    """connector_input_norm="batch": per-channel statistics over the data (a CNN map's channels can
+    sit far from zero); running statistics at inference are saved and reloaded."""
+    model = spread_weights(VisionLanguageModel.build(tiny_config(connector_input_norm="batch"), TEXTS))
+    norm = model.connector.net[0]
+    feats = torch.randn(8, 4, norm.num_features) * 0.1 + torch.linspace(-20, 20, norm.num_features)  # [B, N, D]
+    out = norm.train()(feats)
+    assert out.mean(dim=(0, 1)).abs().max() < 1e-4 and (out.std(dim=(0, 1)) - 1).abs().max() < 0.05
+    for _ in range(50):  # running statistics converge to the data's
+        norm(feats)
+    model.eval().save_pretrained(tmp_path)
+    reloaded = VisionLanguageModel.from_pretrained(tmp_path)
+    assert reloaded.cfg.connector_input_norm == "batch"
+    assert torch.equal(reloaded.connector.net[0].running_mean, norm.running_mean)
+    pixels = torch.randn(2, 3, model.cfg.image_size, model.cfg.image_size)
+    assert torch.equal(reloaded.encode_images(pixels), model.encode_images(pixels))
+    with pytest.raises(ConfigError):
+        tiny_config(connector_input_norm="group")

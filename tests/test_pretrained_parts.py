@@ -38,6 +38,33 @@ def test_efficientnet_lite0_as_prefix_encoder_round_trips(tmp_path):
 
 
 @pytest.mark.slow
+def test_efficientnet_feature_layer_picks_a_middle_block(tmp_path):
+    """vision_feature_layer indexes [stem, block 1..16, head]: 8 is block 8's 80-channel, stride-16 map;
+    -1 stays the head; only the blocks up to the chosen one run; the choice survives save/load."""
+    cfg = VLMConfig(vision_source="efficientnet-lite0", image_size=96, vision_feature_layer=8, connector_pixel_shuffle=2,
+                    lm_hidden_size=32, lm_layers=1, lm_heads=2, lm_kv_heads=1, tokenizer_vocab_size=300)
+    model = VisionLanguageModel.build(cfg, TEXTS).eval()
+    x = torch.randn(2, 3, 96, 96)
+    net = model.vision.model.net
+    with torch.no_grad():
+        stem = net._swish(net._bn0(net._conv_stem(x)))
+        block8 = stem
+        for block in net._blocks[:8]:
+            block8 = block(block8)
+        torch.testing.assert_close(model.vision(x), block8.flatten(2).transpose(1, 2))  # [2, 36, 80]
+        assert model.vision.hidden_size == 80 and cfg.vision_num_patches == 36
+        assert cfg.tokens_per_image == 9  # 6x6 map -> pixel shuffle 2 -> 3x3
+        torch.testing.assert_close(model.vision.model(x, layer=-1), net.extract_features(x).flatten(2).transpose(1, 2))
+        assert model.vision.model.feature_map(x, 0).shape == (2, 32, 48, 48)  # the stem
+    with pytest.raises(ValueError):
+        model.vision.model.feature_map(x, 18)
+    model.save_pretrained(tmp_path)
+    reloaded = VisionLanguageModel.from_pretrained(tmp_path)
+    assert reloaded.cfg.vision_feature_layer == 8
+    assert torch.equal(reloaded.encode_images(x), model.encode_images(x))
+
+
+@pytest.mark.slow
 def test_smollm2_as_language_model_keeps_its_chat_template(tmp_path):
     cfg = VLMConfig(vision_type="vit", vision_hidden_size=32, vision_layers=1, vision_heads=2, image_size=32, lm_source="smollm2-135m")
     model = VisionLanguageModel.build(cfg)

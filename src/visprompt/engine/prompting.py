@@ -61,7 +61,8 @@ def encode_training_example(tokenizer, chat: list[dict[str, str]]) -> tuple[list
         if m["role"] != "assistant":
             continue
         before = encode_chat(tokenizer, chat[:i], add_generation_prompt=True)
-        upto = encode_chat(tokenizer, chat[: i + 1], add_generation_prompt=False)
+        # The whole chat is already rendered when this reply is its last message (the usual case).
+        upto = ids if i == len(chat) - 1 else encode_chat(tokenizer, chat[: i + 1], add_generation_prompt=False)
         if ids[: len(upto)] != upto or upto[: len(before)] != before:
             raise VispromptError("the chat template does not render prefixes consistently; cannot mask the loss")
         for j in range(len(before), len(upto)):

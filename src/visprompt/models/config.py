@@ -31,7 +31,10 @@ class VLMConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     vision_patch_size: int = 8
-    vision_feature_layer: int = -1  # which hidden state of a transformer encoder feeds the connector
+    # Which hidden state feeds the connector, indexed like transformers' hidden_states (0: embeddings
+    # or stem; -1: the last; -2: LLaVA's choice for CLIP). For CNNs a stage's (EfficientNet-Lite0: a
+    # block's) feature map; middle layers keep position and colour that the last one has pooled away.
+    vision_feature_layer: int = -1
     vision_config: dict[str, Any] | None = None  # the built encoder's transformers config
     vision_num_patches: int = 0  # patch tokens per image out of the encoder (filled in at build)
     # Input size and normalisation; 0 / () take the pretrained encoder's own (64 px, 0.5/0.5 for scratch).
@@ -45,6 +48,7 @@ class VLMConfig:
     connector_hidden_size: int = 0  # 0: the LM's hidden size
     connector_pixel_shuffle: int = 1  # factor r: r*r neighbouring patches merge into one token
     connector_dropout: float = 0.0
+    connector_input_norm: str = "layer"  # "layer" (per token) | "batch" (per channel, running stats)
     # Image tokens start at this multiple of the LM's token-embedding RMS (its output LayerNorm's
     # initial weight and the learned positions' scale). Louder than text (e.g. 15) lets an LM trained
     # from scratch find them sooner (README, shapes diagnostics); 1 suits a pretrained LM.
@@ -107,6 +111,8 @@ class VLMConfig:
         for name in ("xattn_heads", "resampler_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.connector_input_norm not in ("layer", "batch"):
+            raise ConfigError(f"connector_input_norm must be 'layer' or 'batch', got {self.connector_input_norm!r}")
         if not self.connector_output_gain > 0:
             raise ConfigError(f"connector_output_gain must be > 0, got {self.connector_output_gain}")
         self.image_mean = tuple(self.image_mean)

@@ -107,19 +107,44 @@ class EfficientNetLiteEncoder(nn.Module):
 
     # ---- forward passes ------------------------------------------------------------------------
 
-    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 224, 224] -> last feature map [B, 1280, 7, 7] (after the head conv, before pooling)."""
-        param = next(self.net.parameters())
-        return self.net.extract_features(pixel_values.to(device=param.device, dtype=param.dtype))
+    @property
+    def num_hidden_states(self) -> int:
+        """Feature maps `feature_map(layer=...)` can return: the stem, each of the 16 blocks, the head."""
+        return len(self.net._blocks) + 2
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 224, 224] -> patch tokens [B, 49, 1280], row-major over the 7x7 grid."""
-        fmap = self.feature_map(pixel_values)  # [B, D, h, w]
-        return fmap.flatten(2).transpose(1, 2)  # [B, h*w, D]
+    def feature_map(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """[B, 3, H, W] -> one feature map [B, C, h, w].
+
+        `layer` indexes the hidden states like transformers' `hidden_states`: 0 is the stem, k the
+        output of block k (1..16), -1 (default) the head conv (1280 channels, stride 32), -2 the
+        last block (320 channels). Only the layers up to the one asked for are run. The middle
+        blocks keep more of where and what colour things are than the head, which was trained to
+        name ImageNet classes (docs/shapes.md measures this).
+        """
+        n = self.num_hidden_states
+        index = layer % n if -n <= layer < n else None
+        if index is None:
+            raise ValueError(f"feature layer {layer} out of range for EfficientNet-Lite0 ({n} hidden states)")
+        param = next(self.net.parameters())
+        net = self.net
+        # Channels-last input: the depthwise convs run ~1.4x faster on this CPU (oneDNN), same values to ~1e-6.
+        x = pixel_values.to(device=param.device, dtype=param.dtype).contiguous(memory_format=torch.channels_last)
+        x = net._swish(net._bn0(net._conv_stem(x)))  # stem: stride 2
+        rate = net._global_params.drop_connect_rate  # stochastic depth, as in extract_features (training only)
+        for k, block in enumerate(net._blocks[:index]):
+            x = block(x, drop_connect_rate=rate * k / len(net._blocks) if rate else None)
+        if index == n - 1:
+            x = net._swish(net._bn1(net._conv_head(x)))
+        return x
+
+    def forward(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """[B, 3, H, W] -> patch tokens [B, h*w, C], row-major over the chosen layer's grid."""
+        fmap = self.feature_map(pixel_values, layer)  # [B, C, h, w]
+        return fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, 224, 224] -> ImageNet logits [B, 1000]."""
-        fmap = self.feature_map(pixel_values)  # [B, D, 7, 7]
+        fmap = self.feature_map(pixel_values, -1)  # [B, D, 7, 7]
         pooled = fmap.mean(dim=(2, 3))  # [B, D]
         return self.net._fc(self.net._dropout(pooled))  # [B, 1000]
 

@@ -26,16 +26,32 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(b, (side // factor) ** 2, d * factor * factor)
 
 
+INPUT_NORMS = ("layer", "batch")
+
+
+class _TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channels of [B, N, D] tokens (statistics over all B*N tokens)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)  # [B, N, D]
+
+
 class ModalityProjector(nn.Module):
     """Optional pixel shuffle, then a 2-layer MLP with GELU (LLaVA's `mlp2x_gelu`)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int = 0, pixel_shuffle_factor: int = 1, dropout: float = 0.0, output_scale: float = 1.0, num_patches: int = 0):
+    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int = 0, pixel_shuffle_factor: int = 1, dropout: float = 0.0, output_scale: float = 1.0, num_patches: int = 0, input_norm: str = "layer"):
         super().__init__()
         self.pixel_shuffle_factor = pixel_shuffle_factor
         in_dim = vision_dim * pixel_shuffle_factor**2
         hidden_dim = hidden_dim or lm_dim
+        # Encoders differ wildly in feature scale (CNN maps vs ViT states), so the input is normalised.
+        # "layer": per token, across channels. "batch": per channel, across the data (running
+        # statistics at inference) -- for feature maps whose channels sit far from zero with small
+        # image-dependent spread, e.g. a CNN's middle blocks, where LayerNorm keeps the constant part.
+        if input_norm not in INPUT_NORMS:
+            raise ConfigError(f"connector input norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.net = nn.Sequential(
-            nn.LayerNorm(in_dim),  # encoders differ wildly in feature scale (CNN maps vs ViT states)
+            nn.LayerNorm(in_dim) if input_norm == "layer" else _TokenBatchNorm(in_dim),
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
             nn.Dropout(dropout),

