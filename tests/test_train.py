@@ -8,6 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
+from visprompt.data.llava import LlavaRecord
 from visprompt.errors import ConfigError
 from visprompt.models.vision_language_model import VisionLanguageModel
 from visprompt.train.config import load_recipe
@@ -73,6 +74,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, shapes_dir):
     assert summary["steps"] == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 4, 6]  # resumed from checkpoint-2 (checkpoints are mid-run only), logged 4 and 6 again
+    Trainer(load_recipe(path)).train()  # a fresh run into the same folder: a fresh log
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
 
 
 def test_zero_learning_rate_freezes_a_part(tmp_path, shapes_dir):
@@ -246,3 +250,23 @@ def test_trainer_stores_frozen_features_and_saves_the_prompt_layout(tmp_path, ca
     assert text == record["conversations"][0]["value"] and images == ["x.png"]
     text, _ = render_content(user_turn(["x.png"], question), "<image>")
     assert text == "<image>\n" + question
+
+
+def test_vqa_report_names_the_question_wherever_the_image_sits():
+    """Mistakes quote the question's text whether the image comes before or after it."""
+    from visprompt.engine.backend import GenerationResult
+    from visprompt.eval.vqa import evaluate_vqa
+
+    class AlwaysNo:
+        name = "always-no"
+
+        def generate(self, conversations, params):
+            return [GenerationResult("no", "stop", 1, 1) for _ in conversations]
+
+    records = [
+        LlavaRecord("a", ["x.png"], [("What color is the circle?\n<image>", "red")], extra={"kinds": ["color"]}),
+        LlavaRecord("b", ["y.png"], [("<image>\nIs there a square?", "yes"), ("Is it red?", "no")], extra={"kinds": ["exist", "color"]}),
+    ]
+    report = evaluate_vqa(AlwaysNo(), records)
+    assert report.total == 3 and report.by_kind == {"color": 0.5, "exist": 0.0}
+    assert [m["question"] for m in report.examples] == ["What color is the circle?", "Is there a square?"]

@@ -63,7 +63,8 @@ def evaluate_vqa(backend: Backend, records: list[LlavaRecord], batch_size: int =
             ok = exact_match(res.text, gold)
             hits[kind].append(ok)
             if not ok and len(mistakes) < keep_mistakes:
-                question = conv[-1]["content"][-1].get("text", "") if conv[-1]["content"] else ""
+                # The text parts of the last user turn, wherever the image sits among them.
+                question = " ".join(part["text"] for part in conv[-1]["content"] if part.get("text")).strip()
                 mistakes.append({"question": question, "gold": gold, "predicted": res.text})
     flat = [h for v in hits.values() for h in v]
     return VQAReport(

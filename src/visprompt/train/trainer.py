@@ -233,7 +233,8 @@ class Trainer:
             step = state["step"]
             torch.set_rng_state(state["torch_rng"])
         self.out.mkdir(parents=True, exist_ok=True)
-        log = (self.out / "metrics.jsonl").open("a")
+        # A resumed run continues its log; a fresh run into the same folder starts a new one.
+        log = (self.out / "metrics.jsonl").open("a" if resume_from else "w")
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(counts.values())
         print(
