@@ -276,6 +276,37 @@ def test_image_feature_cache_skips_the_encoder_and_is_exact(tiny_model):
     assert len(cache) == 2 and "a" not in cache
 
 
+def test_a_file_seen_before_is_not_decoded_again(tiny_model, tmp_path, monkeypatch):
+    """A follow-up about the same file takes its features by the hash of its encoded bytes, without
+    decoding; changed bytes, or changed weights, decode again; results equal a fresh backend's."""
+    import visprompt.engine.backends.own as own
+
+    photo = CONVS[0][0]["content"][0]["image"]
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    decoded = []
+    real_load = own.load_image
+    monkeypatch.setattr(own, "load_image", lambda src, **kw: decoded.append(1) or real_load(src, **kw))
+
+    def ask(question, image=str(path)):
+        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+    backend = OwnVLMBackend(tiny_model)
+    _, first = backend.encode_prompts([ask("What is it?")])
+    _, again = backend.encode_prompts([ask("And the colour?"), ask("Where?", path.read_bytes())])
+    assert len(decoded) == 1  # the path twice and its raw bytes: decoded once
+    torch.testing.assert_close(again, torch.cat([first, first]), rtol=0, atol=0)
+    photo.rotate(90).save(path)  # new bytes at the same path
+    _, rotated = backend.encode_prompts([ask("What is it?")])
+    assert len(decoded) == 2
+    torch.testing.assert_close(rotated, OwnVLMBackend(tiny_model).encode_prompts([ask("What is it?")])[1], rtol=0, atol=0)
+    with torch.no_grad():
+        tiny_model.connector.net[1].weight.mul_(2.0)
+    _, after = backend.encode_prompts([ask("What is it?")])
+    assert len(decoded) == 4  # decoded again (the fresh backend above decoded once too)
+    torch.testing.assert_close(after, OwnVLMBackend(tiny_model).encode_prompts([ask("What is it?")])[1], rtol=0, atol=0)
+
+
 def test_image_cache_is_dropped_when_weights_change(tiny_model):
     backend = OwnVLMBackend(tiny_model)
     _, before = backend.encode_prompts(CONVS[:1])

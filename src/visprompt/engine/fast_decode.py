@@ -376,16 +376,21 @@ class FastLM:
             mask = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(start)
             causal = False
         x = embeds.to(self.dtype).reshape(t, -1)
+        last_layer = len(self.layers) - 1
         for li, p in enumerate(self.layers):
             q, k, v = self._attention_inputs(x, p, cos, sin)
             kv[li, 0, row, start:end] = k
             kv[li, 1, row, start:end] = v
             keys = kv[li, 0, row, :end].transpose(0, 1).unsqueeze(0)  # [1, kv, end, hd]
             vals = kv[li, 1, row, :end].transpose(0, 1).unsqueeze(0)
+            if li == last_layer and logits and t > 1:
+                # Only the last position's output is read (its logits); the others' K/V are stored
+                # above, so the last layer's attention output, o_proj and MLP run for one row.
+                q, x, mask, causal = q[-1:], x[-1:], None, False  # the last query sees every key
             att = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0), keys, vals, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.group > 1
             )  # [1, H, T, hd]
-            x = x + p.o(att[0].transpose(0, 1).reshape(t, -1))
+            x = x + p.o(att[0].transpose(0, 1).reshape(x.shape[0], -1))
             x = x + self._mlp(self._rms(x, p.ln2), p)
         self.lengths[row] = end
         if not logits:

@@ -183,6 +183,8 @@ class Scheduler:
         self._stopping = False
         self.steps = 0
         self._last_step_admitted = False
+        # Prompts whose KV goes into the prefix cache once their first token is out (see _admit).
+        self._pending_stores: list[tuple[_Request, tuple]] = []
 
     # -- submission -----------------------------------------------------------------------------
     def submit(
@@ -241,6 +243,7 @@ class Scheduler:
     def step(self) -> bool:
         """One round: cancellations, admissions, one decode step. True while work remains."""
         with self._step_lock:
+            self._store_pending_prompts()
             with self._lock:
                 for req, handle in [x for x in self._waiting if x[0].cancelled]:
                     self._waiting.remove((req, handle))
@@ -320,6 +323,7 @@ class Scheduler:
     # -- admission ------------------------------------------------------------------------------
     def _admit(self, req: _Request, handle: RequestHandle) -> None:
         dec = self.decoder
+        self._store_pending_prompts()
         seq = dec.new_sequence()
         req.seq = seq
         with self._lock:
@@ -339,10 +343,18 @@ class Scheduler:
         tok = self._sample(logits.unsqueeze(0), [req])[0]
         req.first_token_at = time.perf_counter()
         self._accept(req, handle, tok)  # the first token goes out before any cache bookkeeping
-        # Store the prompt now (not only at the end), so requests admitted after this one share it;
-        # a request that already finished stored its KV on release.
-        if keys is not None and req.seq is not None and not self.prefix_cache.covers(keys):
-            self.prefix_cache.store(keys, dec.export_kv(seq, len(req.prompt)))
+        # Store the prompt soon (not only at the end), so requests admitted after this one share it:
+        # before the next admission or at the next step -- after this step returned, so a caller
+        # driving the loop itself sees the first token without waiting for the copy.
+        if keys is not None and req.seq is not None:
+            self._pending_stores.append((req, keys))
+
+    def _store_pending_prompts(self) -> None:
+        pending, self._pending_stores = self._pending_stores, []
+        for req, keys in pending:
+            # A request that finished meanwhile stored its KV (prompt and reply) on release.
+            if req.seq is not None and not self.prefix_cache.covers(keys):
+                self.prefix_cache.store(keys, self.decoder.export_kv(req.seq, len(req.prompt)))
 
     # -- decoding -------------------------------------------------------------------------------
     def _decode(self, batch: list[tuple[_Request, RequestHandle]]) -> None:

@@ -70,6 +70,16 @@ def load_image(
     return clean
 
 
+def read_image_bytes(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The raw, still encoded bytes of a path, bytes, `data:` URL or binary file source (not a PIL
+    image), with `load_image`'s checks on the source (size limit, no remote URLs, missing files).
+    `load_image(read_image_bytes(s))` equals `load_image(s)`; a hash of these bytes identifies the
+    decoded image without decoding it."""
+    if isinstance(source, Image.Image):
+        raise ImageError("a PIL image has no encoded bytes: use it directly")
+    return _read_source(source, max_bytes)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB, keeping what the pixels look like.
 
