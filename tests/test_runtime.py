@@ -279,7 +279,7 @@ def test_image_feature_cache_skips_the_encoder_and_is_exact(tiny_model):
 def test_a_file_seen_before_is_not_decoded_again(tiny_model, tmp_path, monkeypatch):
     """A follow-up about the same file takes its features by the hash of its encoded bytes, without
     decoding; changed bytes, or changed weights, decode again; results equal a fresh backend's."""
-    import visprompt.engine.backends.own as own
+    from visprompt.engine.backends import own
 
     photo = CONVS[0][0]["content"][0]["image"]
     path = tmp_path / "photo.png"

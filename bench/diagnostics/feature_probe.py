@@ -19,6 +19,7 @@ block 8 (80 channels, stride 16) names 100% of objects and of scenes. Shapes-spe
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ preprocess = ImagePreprocessor(args.size, encoder.image_mean, encoder.image_std)
 
 def scenes(split: str, n: int) -> list[tuple[str, dict]]:
     seen: dict[str, dict] = {}
-    for rec in json.loads(open(f"{args.data}/{split}.json").read()):
+    for rec in json.loads(Path(args.data, f"{split}.json").read_text()):
         seen.setdefault(rec["image"], rec["scene"])
         if len(seen) >= n:
             break
@@ -78,6 +79,13 @@ test_x, test_y = features(scenes("test", 10**9))
 print(f"features of {len(train_y)} + {len(test_y)} scenes in {time.time() - t0:.0f} s")
 y, yt = train_y.reshape(-1), test_y.reshape(-1)
 occupied = yt > 0
+
+
+def acc(hits: torch.Tensor) -> float:
+    """Share of the held-out occupied cells where `hits` is true."""
+    return float(hits[occupied].float().mean())
+
+
 for k in layers:
     x, xt = train_x[k].reshape(len(y), -1), test_x[k].reshape(len(yt), -1)
     mu, sd = x.mean(0), x.std(0) + 1e-5
@@ -93,7 +101,6 @@ for k in layers:
     with torch.no_grad():
         pred = probe(xt).argmax(-1)
     p, g = (pred - 1).clamp(min=0), (yt - 1).clamp(min=0)
-    acc = lambda m: float(m[occupied].float().mean())  # noqa: E731
     print(
         f"layer {k:>3} {tuple(train_x[k].shape[1:])}: objects named exactly {acc(pred == yt):.1%} "
         f"(colour {acc(p // 8 == g // 8):.1%}, shape {acc(p % 8 // 2 == g % 8 // 2):.1%}, size {acc(p % 2 == g % 2):.1%}), "
