@@ -17,6 +17,8 @@ from typing import Any
 
 from ..errors import ConfigError
 
+CONNECTOR_INPUT_NORMS = ("layer", "batch")  # see ModalityProjector
+
 FUSIONS = ("prefix", "cross_attention", "mixture")
 
 
@@ -111,8 +113,8 @@ class VLMConfig:
         for name in ("xattn_heads", "resampler_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.connector_input_norm not in ("layer", "batch"):
-            raise ConfigError(f"connector_input_norm must be 'layer' or 'batch', got {self.connector_input_norm!r}")
+        if self.connector_input_norm not in CONNECTOR_INPUT_NORMS:
+            raise ConfigError(f"connector_input_norm must be one of {CONNECTOR_INPUT_NORMS}, got {self.connector_input_norm!r}")
         if not self.connector_output_gain > 0:
             raise ConfigError(f"connector_output_gain must be > 0, got {self.connector_output_gain}")
         self.image_mean = tuple(self.image_mean)

