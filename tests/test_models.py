@@ -137,6 +137,8 @@ def test_hf_vision_encoder_and_lm_from_local_folders(tmp_path):
         want = stage1.vision.model(pixel_values=x, output_hidden_states=True).hidden_states[1]  # [1, 16, 16, 16]
         assert stage1.vision.hidden_size == 16 and stage1.cfg.vision_num_patches == 16 * 16
         assert torch.equal(stage1.vision(x), want.flatten(2).transpose(1, 2))
+    with pytest.raises(ConfigError, match="vision_feature_layer 9 is out of range"):  # one line, exit 2 in the CLI
+        VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64, vision_feature_layer=9))
     # Saved and reloaded without the source folders.
     clip_vlm.save_pretrained(tmp_path / "vlm")
     for d in (clip_dir, lm_dir):
