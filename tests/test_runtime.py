@@ -4,6 +4,7 @@ Every test compares outputs (never timings): the fast path against transformers'
 reference decode loop, batched against one-by-one, cached against uncached.
 """
 
+import shutil
 import threading
 
 import pytest
@@ -60,10 +61,27 @@ def tiny_llama(**kw):
     return lm
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_fast_decoder_matches_transformers_forward(packed):
-    lm = tiny_llama()
-    dec = FastLM(lm, max_batch=3, initial_len=4, packed=packed)  # tiny start: the KV buffer must grow (rows and length)
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, max_position_embeddings=128)
+    lm = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.copy_(torch.randn_like(p) * 0.4)  # q/k/v biases included
+    return lm
+
+
+# packed x kernels: the C++ kernel with panels / with the modules' own rows, and torch ops alone
+@pytest.mark.parametrize("packed,kernels", [(True, None), (False, None), (True, False), (False, False)])
+@pytest.mark.parametrize("make_lm", [tiny_llama, tiny_qwen2])
+def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm):
+    lm = make_lm()
+    dec = FastLM(lm, max_batch=3, initial_len=4, packed=packed, kernels=kernels)  # tiny start: the KV buffer must grow (rows and length)
+    if kernels is None and shutil.which("c++"):
+        assert dec.kernel is not None, dec.kernel_reason  # where a compiler exists, the kernel must build
     emb = lm.get_input_embeddings()
     a, b = torch.randint(0, 300, (1, 30)), torch.randint(0, 300, (1, 30))
     with torch.no_grad():
@@ -83,11 +101,35 @@ def test_fast_decoder_matches_transformers_forward(packed):
     assert dec.length(sa) == 18 and dec.length(sb) == 11
     dec.prefill(sb, emb(b)[0, 11:30])  # grows the buffer inside inference mode ...
     dec.truncate(sb, 11)
+    long = torch.randint(0, 300, (1, 45))  # over KERNEL_ROWS: torch ops prefill, the kernel decodes on
+    with torch.no_grad():
+        ref_long = lm(long).logits[0]
+    sl = dec.new_sequence()
+    torch.testing.assert_close(dec.prefill(sl, emb(long)[0, :40]), ref_long[39], rtol=1e-4, atol=1e-4)
+    for k in range(40, 45):
+        torch.testing.assert_close(dec.decode([sl, sb, sa], [long[0, k], b[0, 11], a[0, 18]])[0], ref_long[k], rtol=1e-4, atol=1e-4)
+    dec.free(sl)
+    dec.truncate(sb, 11)
+    dec.truncate(sa, 18)
     kv = dec.export_kv(sa, 10)
     dec.free(sa)
     sc = dec.new_sequence()
     dec.import_kv(sc, kv)
     torch.testing.assert_close(dec.prefill(sc, emb(a)[0, 10:14]), ref_a[13], rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_build_says_why_it_is_off(monkeypatch):
+    from visprompt.engine import cpu_kernels
+
+    monkeypatch.setenv("VISPROMPT_KERNELS", "0")
+    assert cpu_kernels._build() == (None, "turned off by VISPROMPT_KERNELS")
+    monkeypatch.delenv("VISPROMPT_KERNELS")
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    module, reason = cpu_kernels._build()
+    assert module is None and "no C++ compiler" in reason
+    lm = tiny_llama()
+    with pytest.raises(ValueError, match="kernel"):  # asked for explicitly, and it cannot run this model
+        FastLM(lm.to(torch.float64), kernels=True)
 
 
 def test_fast_decoder_refuses_what_it_cannot_reproduce():

@@ -67,6 +67,31 @@ def unsupported_reason(lm: nn.Module) -> str | None:
     return None
 
 
+# Rows up to which a step runs on the C++ kernel, and lm_head on it; beyond, oneDNN's packed products
+# are as fast or faster (SmolLM2-135M, 2 threads: `python bench/kernel_rows.py`, docs/runtime.md).
+KERNEL_ROWS = 32
+HEAD_KERNEL_ROWS = 8
+
+
+def _kernel_reason(lm: nn.Module) -> str | None:
+    """None when the C++ layer kernel can run `lm` (fp32 contiguous CPU weights, no biases beyond q/k/v)."""
+    cfg = lm.config
+    for i, layer in enumerate(lm.model.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        for name, lin in (("o_proj", att.o_proj), ("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj)):
+            if lin.bias is not None:
+                return f"layer {i} {name} has a bias"
+        tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight] + [
+            lin.weight for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        ]
+        for t in tensors:
+            if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+                return "weights are not contiguous fp32 on the CPU"
+    if getattr(cfg, "head_dim", None) and cfg.head_dim > 512:
+        return "head_dim over 512"
+    return None
+
+
 def _onednn_reorder(w: torch.Tensor, batch_hint: int = 16) -> torch.Tensor | None:
     """w [out, in] repacked in oneDNN's blocked layout for `_linear_pointwise`, or None if unavailable."""
     if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
@@ -152,15 +177,30 @@ class _Proj:
 
 
 class _Layer:
-    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
+    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "kernel_args", "panels")
 
     def __init__(self, layer: nn.Module, gemv: bool, onednn: bool):
         att, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        # the C++ kernel's view of the layer: the modules' own tensors (no copies)
+        biases = [lin.bias for lin in (att.q_proj, att.k_proj, att.v_proj)]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(lin.weight.shape[0]) for b, lin in zip(biases, (att.q_proj, att.k_proj, att.v_proj))])
+        self.kernel_args = (
+            self.ln1.detach(), self.ln2.detach(), [att.q_proj.weight.detach(), att.k_proj.weight.detach(), att.v_proj.weight.detach()], bias,
+            att.o_proj.weight.detach(), mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach(),
+        )
+        self.panels: list[torch.Tensor] = []  # the kernel's several-row layout, filled by FastLM when packed
         self.qkv = _Proj([att.q_proj, att.k_proj, att.v_proj], gemv, onednn)
         self.o = _Proj([att.o_proj], gemv, onednn)
         self.gate_up = _Proj([mlp.gate_proj, mlp.up_proj], gemv, onednn)
         self.down = _Proj([mlp.down_proj], gemv, onednn)
+
+    def pack_panels(self, kernel) -> None:
+        (q, k, v), wo, wg, wu, wd = self.kernel_args[2], *self.kernel_args[4:]
+        with torch.no_grad():
+            self.panels = [kernel.pack_panels(torch.cat([q, k, v])), kernel.pack_panels(wo), kernel.pack_panels(wg), kernel.pack_panels(wu), kernel.pack_panels(wd)]
 
 
 def _packed_bytes(lm: nn.Module) -> int:
@@ -175,11 +215,24 @@ class FastLM:
     Every method runs under `torch.inference_mode` (the KV buffer is an inference tensor).
     """
 
-    def __init__(self, lm: nn.Module, max_batch: int = 16, initial_len: int = 256, packed: bool | None = None, max_packed_bytes: int = 2 << 30):
+    def __init__(
+        self,
+        lm: nn.Module,
+        max_batch: int = 16,
+        initial_len: int = 256,
+        packed: bool | None = None,
+        max_packed_bytes: int = 2 << 30,
+        kernels: bool | None = None,
+    ):
         """packed: keep decode-friendly copies of the weights (see `_Proj`: ~1.4x faster at batch 1,
         ~2x batched, for ~1.8x the LM's weight memory extra); the default when that extra is under
         max_packed_bytes. Packed copies do not follow later weight updates: build a new FastLM
-        (OwnVLMBackend does so when the weights' version counters change)."""
+        (OwnVLMBackend does so when the weights' version counters change).
+
+        kernels: run each layer of a decode step or a short prefill (up to `kernel_rows` rows) as
+        one call of the C++ kernel (`engine/cpu_kernels.py`), which reads the modules' own weights;
+        the default uses it when it builds on this machine and fits the model (`kernel_reason`).
+        With it on, the one-row packed copies are not kept (the kernel does that job)."""
         reason = unsupported_reason(lm)
         if reason is not None:
             raise ValueError(f"FastLM cannot run this model: {reason}")
@@ -189,11 +242,27 @@ class FastLM:
         self.lm_head = lm.lm_head
         self.norm_w = lm.model.norm.weight
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.kernel_reason = "turned off (kernels=False)" if kernels is False else _kernel_reason(lm)
+        self.kernel = None
+        if self.kernel_reason is None:
+            from . import cpu_kernels
+
+            self.kernel = cpu_kernels.load()
+            self.kernel_reason = None if self.kernel is not None else cpu_kernels.reason()
+        if kernels and self.kernel is None:
+            raise ValueError(f"the C++ layer kernel cannot run this model: {self.kernel_reason}")
         if packed is None:
             packed = _packed_bytes(lm) <= max_packed_bytes
         self.packed = bool(packed)
-        self.layers = [_Layer(layer, self.packed, self.packed) for layer in lm.model.layers]
-        self.head = _Proj([lm.lm_head], self.packed, self.packed)
+        gemv = self.packed and self.kernel is None
+        self.layers = [_Layer(layer, gemv, self.packed) for layer in lm.model.layers]
+        self.head = _Proj([lm.lm_head], gemv, self.packed)
+        self.head_panels = None
+        if self.kernel is not None and self.packed:
+            for layer in self.layers:
+                layer.pack_panels(self.kernel)
+            with torch.no_grad():
+                self.head_panels = self.kernel.pack_panels(self.lm_head.weight.detach())
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -346,10 +415,22 @@ class FastLM:
         return p.down(F.silu(g) * u)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self._rms(hidden, self.norm_w)
         if _has_hooks(self.lm_head):  # hooks on lm_head still see every call
-            return self.lm_head(x)
-        return self.head(x)
+            return self.lm_head(self._rms(hidden, self.norm_w))
+        w = self.lm_head.weight
+        if self.kernel is not None and (hidden.shape[0] <= HEAD_KERNEL_ROWS or self.head.d is None) and w.dtype == torch.float32 and w.is_contiguous():
+            return self.kernel.head_forward(hidden.contiguous(), self.norm_w.detach(), w.detach(), self.eps, self.head_panels)
+        return self.head(self._rms(hidden, self.norm_w))
+
+    def _run_kernel(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, last_from: int) -> None:
+        """x [M, D] through every layer in place; row m of x is slot rows[m] at position pos[m]. The
+        last layer finishes only rows last_from.. (the others' K/V are all a later step reads)."""
+        last = len(self.layers) - 1
+        for li, p in enumerate(self.layers):
+            self.kernel.layer_forward(
+                x, *p.kernel_args, self.kv, li, rows, pos, self._cos, self._sin, self.eps, self.scale, self.n_heads, self.n_kv,
+                last_from if li == last else 0, p.panels,
+            )
 
     def extra_bytes(self) -> int:
         """Memory of the packed weight copies."""
@@ -367,6 +448,12 @@ class FastLM:
         t = embeds.shape[0]
         end = start + t
         self._reserve(self.n_active, end)
+        if self.kernel is not None and t <= KERNEL_ROWS:
+            x = embeds.reshape(t, -1).to(self.dtype, copy=True).contiguous()  # the kernel writes x in place
+            rows = torch.full((t,), row, dtype=torch.long)
+            self._run_kernel(x, rows, torch.arange(start, end), t - 1 if logits else t)
+            self.lengths[row] = end
+            return self._logits(x[-1:])[0] if logits else None
         kv = self.kv
         cos = self._cos[start:end].unsqueeze(1)  # [T, 1, hd]
         sin = self._sin[start:end].unsqueeze(1)
@@ -407,6 +494,15 @@ class FastLM:
             raise ValueError(f"decode takes every live sequence ({self.n_active}), got {b}")
         rows = [self._row_of[s] for s in seqs]
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if self.kernel is not None and b <= KERNEL_ROWS:
+            # rows in the order of seqs: the kernel takes each row's slot and position as given
+            rows_t = torch.tensor(rows, dtype=torch.long)
+            pos = self.lengths.index_select(0, rows_t)
+            self._reserve(b, int(pos.max()) + 1)
+            x = self.embed_tokens(tokens).to(self.dtype).contiguous()  # [B, D]
+            self._run_kernel(x, rows_t, pos, 0)
+            self.lengths[:b] += 1
+            return self._logits(x)
         in_order = rows == list(range(b))
         if not in_order:  # put tokens in row order; logits go back to seqs order at the end
             rows_t = torch.tensor(rows, device=self.device)
