@@ -349,6 +349,29 @@ def test_a_file_seen_before_is_not_decoded_again(tiny_model, tmp_path, monkeypat
     torch.testing.assert_close(after, OwnVLMBackend(tiny_model).encode_prompts([ask("What is it?")])[1], rtol=0, atol=0)
 
 
+def test_a_batch_about_one_photo_decodes_and_encodes_it_once(tiny_model, tmp_path, monkeypatch):
+    from visprompt.engine.backends import own
+
+    photo = CONVS[0][0]["content"][0]["image"]
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    decoded, encoded = [], []
+    real_load = own.load_image
+    monkeypatch.setattr(own, "load_image", lambda src, **kw: decoded.append(1) or real_load(src, **kw))
+    real_encode = tiny_model.encode_images
+    monkeypatch.setattr(tiny_model, "encode_images", lambda pixels: encoded.append(pixels.shape[0]) or real_encode(pixels))
+
+    def ask(question, image):
+        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+    backend = OwnVLMBackend(tiny_model, image_cache_bytes=0)  # no cache: the sharing is within the batch
+    other = photo.rotate(90)
+    _, embeds = backend.encode_prompts([ask("What?", str(path)), ask("Where?", path.read_bytes()), ask("Which?", other), ask("Why?", str(path))])
+    assert len(decoded) == 2 and encoded == [2]  # the file once (+ the PIL image); two distinct images encoded
+    want = OwnVLMBackend(tiny_model).encode_prompts([ask("What?", photo), ask("Which?", other)])[1]
+    torch.testing.assert_close(embeds, want[[0, 0, 1, 0]], rtol=0, atol=0)
+
+
 def test_image_cache_is_dropped_when_weights_change(tiny_model):
     backend = OwnVLMBackend(tiny_model)
     _, before = backend.encode_prompts(CONVS[:1])

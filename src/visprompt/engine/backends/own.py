@@ -190,25 +190,33 @@ class OwnVLMBackend:
         keys = [k if k is not None else image_fingerprint(im) for im, k in zip(images, keys or [None] * len(images))]
         cached = cached or {}
         feats: list[torch.Tensor | None] = [cached.get(k) if k in cached else self.image_cache.get(k) for k in keys]
-        todo = [i for i, f in enumerate(feats) if f is None]
+        # one encoder pass per distinct image: concurrent questions about one photo share it
+        todo: dict[str, list[int]] = {}
+        for i, f in enumerate(feats):
+            if f is None:
+                todo.setdefault(keys[i], []).append(i)
         if todo:
             model = self.model
             with torch.inference_mode():
-                pixels = self.preprocess([images[i] for i in todo]).to(model.device)  # [n, 3, H, W]
+                pixels = self.preprocess([images[where[0]] for where in todo.values()]).to(model.device)  # [n, 3, H, W]
                 new = model.encode_images(pixels)  # [n, N, D]
-            for j, i in enumerate(todo):
-                feats[i] = new[j]
-                self.image_cache.put(keys[i], new[j])
+            for j, (key, where) in enumerate(todo.items()):
+                for i in where:
+                    feats[i] = new[j]
+                self.image_cache.put(key, new[j])
         return torch.stack(feats), keys  # type: ignore[arg-type]
 
-    def _load_unless_cached(self, src, cached: dict) -> tuple[object | None, str | None]:
+    def _load_unless_cached(self, src, cached: dict, decoded: dict | None = None) -> tuple[object | None, str | None]:
         """(decoded image, its fingerprint or None); or (None, fingerprint) when these exact encoded
         bytes were seen before and their features are still cached -- then put into `cached`. A
-        follow-up question about the same file skips decoding and hashing its pixels."""
+        follow-up question about the same file skips decoding and hashing its pixels. decoded:
+        digest -> (image, fingerprint) of this batch, so a batch decodes each distinct file once."""
         if isinstance(src, Image.Image):
             return load_image(src), None
         data = read_image_bytes(src)
         digest = hashlib.sha256(data).hexdigest()
+        if decoded is not None and digest in decoded:
+            return decoded[digest]
         key = self._encoded_to_pixels.get(digest)
         feats = self.image_cache.get(key) if key is not None else None
         if feats is not None:
@@ -217,6 +225,8 @@ class OwnVLMBackend:
             return None, key
         image = load_image(data)
         key = image_fingerprint(image)
+        if decoded is not None:
+            decoded[digest] = (image, key)
         self._encoded_to_pixels[digest] = key
         if len(self._encoded_to_pixels) > _MAX_ENCODED_KEYS:
             self._encoded_to_pixels.popitem(last=False)
@@ -226,11 +236,11 @@ class OwnVLMBackend:
         """Per conversation: token ids (image placeholders expanded), its image embeddings, their fingerprints."""
         model, tok = self.model, self.model.tokenizer
         self._check_vision_version()  # changed weights clear the features before any lookup
-        out, loaded, counts, cached = [], [], [], {}
+        out, loaded, counts, cached, decoded = [], [], [], {}, {}
         for conv in conversations:
             chat, srcs = to_chat(conv, model.cfg.image_token, model.cfg.system_prompt)
             out.append(model.expand_image_placeholders(encode_chat(tok, chat, add_generation_prompt=True)))
-            loaded.extend(self._load_unless_cached(src, cached) for src in srcs)
+            loaded.extend(self._load_unless_cached(src, cached, decoded) for src in srcs)
             counts.append(len(srcs))
         embeds, keys = self._encode_images([im for im, _ in loaded], [k for _, k in loaded], cached)
         result, k = [], 0

@@ -111,6 +111,61 @@ void gemm_segments(const float* X, int64_t M, int64_t ldx, const Segments& s, in
   }
 }
 
+#ifdef VP_AVX2
+// exp of 8 floats (Cephes' expf: Cody-Waite reduction, degree-6 polynomial; ~1 ulp, as torch's own
+// vectorized exp is): softmax and SiLU call it per score / per MLP unit.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365447f)), _mm256_set1_ps(88.3762626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// v[i] = exp(v[i] - shift), returns the sum
+inline float exp_shift_sum(float* v, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef VP_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 sh = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), sh));
+    _mm256_storeu_ps(v + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; i < n; ++i) {
+    v[i] = std::exp(v[i] - shift);
+    sum += v[i];
+  }
+  return sum;
+}
+
+// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u
+inline void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef VP_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
@@ -361,11 +416,7 @@ void layer_forward(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, std::v
         score[j] = dot(q, kr + j * n_kv * hd, hd) * fscale;
         mx = std::max(mx, score[j]);
       }
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        score[j] = std::exp(score[j] - mx);
-        sum += score[j];
-      }
+      const float sum = exp_shift_sum(score.data(), n, mx);
       float* o = attp + m * nq + hh * hd;
       std::fill(o, o + hd, 0.f);
       for (int64_t j = 0; j < n; ++j) {
@@ -416,7 +467,7 @@ void layer_forward(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, std::v
         panel_rows(ho, Mo, D, pu + p * D * PANEL, D, [&](int64_t m, const float* o) {
           float* a = acto + m * inter + p * PANEL;
           const float* gm = g.data() + m * PANEL;
-          for (int64_t j = 0; j < c; ++j) a[j] = gm[j] / (1.0f + std::exp(-gm[j])) * o[j];
+          silu_mul(gm, o, a, c);
         });
       }
     });
@@ -432,17 +483,14 @@ void layer_forward(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, std::v
                              wu + i * D, wu + (i + 1) * D, wu + (i + 2) * D, wu + (i + 3) * D};
         for (int64_t m = 0; m < Mo; ++m) {
           dot_block<1, 8>(ho + m * D, D, w, D, out);
-          for (int j = 0; j < 4; ++j) {
-            const float gv = out[j];
-            acto[m * inter + i + j] = gv / (1.0f + std::exp(-gv)) * out[4 + j];
-          }
+          silu_mul(out, out + 4, acto + m * inter + i, 4);
         }
       } else {
         for (int64_t j = 0; j < c; ++j) {
           const float* w[2] = {wg + (i + j) * D, wu + (i + j) * D};
           for (int64_t m = 0; m < Mo; ++m) {
             dot_block<1, 2>(ho + m * D, D, w, D, out);
-            acto[m * inter + i + j] = out[0] / (1.0f + std::exp(-out[0])) * out[1];
+            silu_mul(out, out + 1, acto + m * inter + i + j, 1);
           }
         }
       }
