@@ -15,6 +15,7 @@ from conftest import image_conv as conv
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
 from visprompt.engine.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, token_keys
+from visprompt.engine import fast_decode
 from visprompt.engine.fast_decode import FastLM, unsupported_reason
 from visprompt.engine.generation import generate_ids
 
@@ -77,7 +78,7 @@ def tiny_qwen2():
 # packed x kernels: the C++ kernel with panels / with the modules' own rows, and torch ops alone
 @pytest.mark.parametrize("packed,kernels", [(True, None), (False, None), (True, False), (False, False)])
 @pytest.mark.parametrize("make_lm", [tiny_llama, tiny_qwen2])
-def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm):
+def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, monkeypatch):
     lm = make_lm()
     dec = FastLM(lm, max_batch=3, initial_len=4, packed=packed, kernels=kernels)  # tiny start: the KV buffer must grow (rows and length)
     if kernels is None and shutil.which("c++"):
@@ -101,6 +102,7 @@ def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm):
     assert dec.length(sa) == 18 and dec.length(sb) == 11
     dec.prefill(sb, emb(b)[0, 11:30])  # grows the buffer inside inference mode ...
     dec.truncate(sb, 11)
+    monkeypatch.setattr(fast_decode, "KERNEL_ROWS", 16)
     long = torch.randint(0, 300, (1, 45))  # over KERNEL_ROWS: torch ops prefill, the kernel decodes on
     with torch.no_grad():
         ref_long = lm(long).logits[0]

@@ -69,7 +69,7 @@ def unsupported_reason(lm: nn.Module) -> str | None:
 
 # Rows up to which a step runs on the C++ kernel, and lm_head on it; beyond, oneDNN's packed products
 # are as fast or faster (SmolLM2-135M, 2 threads: `python bench/kernel_rows.py`, docs/runtime.md).
-KERNEL_ROWS = 32
+KERNEL_ROWS = 128
 HEAD_KERNEL_ROWS = 8
 
 
