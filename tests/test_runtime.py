@@ -75,9 +75,17 @@ def tiny_qwen2():
     return lm
 
 
+def tiny_llama_hd64():  # the kernel's register-resident attention output (head_dim a multiple of 64)
+    return tiny_llama(head_dim=64)
+
+
+def tiny_llama_hd12():  # a head_dim the kernel's 8-wide vectors do not divide
+    return tiny_llama(head_dim=12)
+
+
 # packed x kernels: the C++ kernel with panels / with the modules' own rows, and torch ops alone
 @pytest.mark.parametrize("packed,kernels", [(True, None), (False, None), (True, False), (False, False)])
-@pytest.mark.parametrize("make_lm", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("make_lm", [tiny_llama, tiny_qwen2, tiny_llama_hd64, tiny_llama_hd12])
 def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, monkeypatch):
     lm = make_lm()
     dec = FastLM(lm, max_batch=3, initial_len=4, packed=packed, kernels=kernels)  # tiny start: the KV buffer must grow (rows and length)

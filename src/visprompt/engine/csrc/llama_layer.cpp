@@ -192,6 +192,63 @@ inline void axpy(float p, const float* v, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += p * v[i];
 }
 
+#ifdef VP_AVX2
+// The 8 sums of 8 vectors' lanes, as one vector: [sum(a0), ..., sum(a7)]
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// o[0 : 8 NV] = sum_j p[j] * V[j, 0 : 8 NV], the output kept in registers over all j
+template <int NV>
+inline void weighted_rows(const float* p, const float* v, int64_t ldv, int64_t n, float* o) {
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 pj = _mm256_broadcast_ss(p + j);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * ldv + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
+}
+#endif
+
+// One query head against n cached positions: o = softmax(q K^T * scale) V. K and V rows are ld
+// floats apart; score is scratch of n floats.
+void attend(const float* q, const float* K, const float* V, int64_t ld, int64_t n, int64_t hd, float scale, float* score, float* o) {
+  int64_t j = 0;
+#ifdef VP_AVX2
+  if (hd % 8 == 0) {
+    // 8 keys at a time: 8 accumulators, one transposing reduction instead of 8 horizontal sums
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (; j + 8 <= n; j += 8) {
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (j + c) * ld + i), acc[c]);
+      }
+      _mm256_storeu_ps(score + j, _mm256_mul_ps(hsum8(acc), sc));
+    }
+  }
+#endif
+  for (; j < n; ++j) score[j] = dot(q, K + j * ld, hd) * scale;
+  const float mx = *std::max_element(score, score + n);
+  const float inv = 1.0f / exp_shift_sum(score, n, mx);
+  for (int64_t i = 0; i < n; ++i) score[i] *= inv;
+  int64_t c = 0;
+#ifdef VP_AVX2
+  for (; c + 64 <= hd; c += 64) weighted_rows<8>(score, V + c, ld, n, o + c);
+  for (; c + 8 <= hd; c += 8) weighted_rows<1>(score, V + c, ld, n, o + c);
+#endif
+  if (c < hd) {
+    std::fill(o + c, o + hd, 0.f);
+    for (int64_t jj = 0; jj < n; ++jj)
+      for (int64_t i = c; i < hd; ++i) o[i] += score[jj] * V[jj * ld + i];
+  }
+}
+
 void rms_norm(const float* x, const float* w, float* y, int64_t D, float eps) {
   // transformers' LlamaRMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps))
   double ss = 0.0;
@@ -407,21 +464,9 @@ void layer_forward(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, std::v
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m = out_from + t / n_heads, hh = t % n_heads, g = hh / group;
       const int64_t n = pos_p[m] + 1;
-      const float* q = qkvp + m * nqkv + hh * hd;
-      const float* kr = kbase + slot_p[m] * kv_row + g * hd;
-      const float* vr = vbase + slot_p[m] * kv_row + g * hd;
       score.resize(n);
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        score[j] = dot(q, kr + j * n_kv * hd, hd) * fscale;
-        mx = std::max(mx, score[j]);
-      }
-      const float sum = exp_shift_sum(score.data(), n, mx);
-      float* o = attp + m * nq + hh * hd;
-      std::fill(o, o + hd, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        axpy(score[j] / sum, vr + j * n_kv * hd, o, hd);
-      }
+      attend(qkvp + m * nqkv + hh * hd, kbase + slot_p[m] * kv_row + g * hd, vbase + slot_p[m] * kv_row + g * hd,
+             n_kv * hd, n, hd, fscale, score.data(), attp + m * nq + hh * hd);
     }
   });
 
