@@ -64,7 +64,7 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def matvec_bandwidth(n: int = 8192, reps: int = 7) -> float:
+def matvec_bandwidth(n: int = 8192, reps: int = 20) -> float:
     """GB/s of weights read by an fp32 n x n mat-vec (the bound of batch-1 decoding): the best of
     one F.linear (MKL runs it on one core), the matrix cut in column blocks, one per thread, and
     visprompt's C++ kernel on the matrix in 16-column panels (the layout its decoder streams)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -38,9 +39,16 @@ def _build():
         import ninja  # noqa: F401
     except ImportError:
         return None, "the ninja package is not installed"
+    name = "visprompt_llama_layer"
+    try:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(build_dir.glob(f"{name}*.so")):
+            print("visprompt: compiling the decoder's C++ kernel for this CPU (once, ~30 s)", file=sys.stderr, flush=True)
+    except Exception:  # only the notice depends on it
+        pass
     try:
         module = cpp_extension.load(
-            name="visprompt_llama_layer",
+            name=name,
             sources=[str(SOURCE)],
             # -fopenmp: ATen's parallel_for is a header template that is serial without it; the
             # extension then binds to the libgomp torch already loaded (same soname), one thread pool
