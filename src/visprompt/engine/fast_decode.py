@@ -1,11 +1,13 @@
 """A lean fp32 decoder for Llama-family language models, with a preallocated, slotted KV cache.
 
 `FastLM` runs the transformer blocks of a transformers `LlamaForCausalLM` (or Mistral / Qwen2, which
-share the layout) with plain tensor ops: no `Cache` objects, no mask construction, no per-token
-re-allocation. Matrix products read decode-friendly packed copies of the weights (see `_Proj`: a
-transposed layout for one row, oneDNN's blocked layout for several), which is where the speed comes
-from on a CPU; `packed=False` reads the module's own tensors instead. Norms, RoPE and attention
-(SDPA) follow transformers op for op. The embedding and `lm_head` modules are still called as
+share the layout) without `Cache` objects, mask construction or per-token re-allocation. A step of up
+to `KERNEL_ROWS` rows (decoding, follow-up prefills, most prompts) runs each layer as one call of a
+C++ kernel (`csrc/llama_layer.cpp` via `cpu_kernels.py`) that streams the weights from packed
+16-column panels; without a compiler, or for longer prefills, plain tensor ops run instead, reading
+decode-friendly packed copies (see `_Proj`: a transposed layout for one row, oneDNN's blocked layout
+for several). `packed=False` reads the modules' own tensors on either path. Norms, RoPE and
+attention follow transformers op for op. The embedding and `lm_head` modules are still called as
 modules when they have hooks, so hooks on them keep firing.
 
 Sequences live in *slots*: rows of one KV buffer `[layers, 2, rows, max_len, kv_heads, head_dim]`
@@ -229,10 +231,11 @@ class FastLM:
         max_packed_bytes. Packed copies do not follow later weight updates: build a new FastLM
         (OwnVLMBackend does so when the weights' version counters change).
 
-        kernels: run each layer of a decode step or a short prefill (up to `kernel_rows` rows) as
-        one call of the C++ kernel (`engine/cpu_kernels.py`), which reads the modules' own weights;
-        the default uses it when it builds on this machine and fits the model (`kernel_reason`).
-        With it on, the one-row packed copies are not kept (the kernel does that job)."""
+        kernels: run each layer of a step of up to `KERNEL_ROWS` rows as one call of the C++ kernel
+        (`engine/cpu_kernels.py`; panel copies of the weights when packed, the modules' own tensors
+        otherwise). The default uses it when it builds on this machine and fits the model (else
+        `kernel_reason` says why); True insists (ValueError if it cannot). With it on, the
+        transposed one-row copies are not kept (the kernel does that job)."""
         reason = unsupported_reason(lm)
         if reason is not None:
             raise ValueError(f"FastLM cannot run this model: {reason}")
@@ -434,7 +437,9 @@ class FastLM:
 
     def extra_bytes(self) -> int:
         """Memory of the packed weight copies."""
-        return sum(p.qkv.extra_bytes() + p.o.extra_bytes() + p.gate_up.extra_bytes() + p.down.extra_bytes() for p in self.layers) + self.head.extra_bytes()
+        n = sum(p.qkv.extra_bytes() + p.o.extra_bytes() + p.gate_up.extra_bytes() + p.down.extra_bytes() for p in self.layers) + self.head.extra_bytes()
+        panels = [t for p in self.layers for t in p.panels] + ([self.head_panels] if self.head_panels is not None else [])
+        return n + sum(t.numel() * t.element_size() for t in panels)
 
     # -- prefill --------------------------------------------------------------------------------
     @torch.inference_mode()

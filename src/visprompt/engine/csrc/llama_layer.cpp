@@ -1,15 +1,17 @@
-// One Llama-family decoder layer for a few rows (batch-1 decoding, batched decoding, short prefills),
-// fp32 throughout, reading nn.Linear's own [out, in] weights and writing K/V into FastLM's slotted cache.
+// One Llama-family decoder layer for a step of several rows (batch-1 decoding, batched decoding,
+// prefills of up to a few hundred tokens), fp32 throughout, writing K/V into FastLM's slotted cache.
 //
 // Why it exists: at batch 1 a 135M-parameter LM on a 2-core CPU is bound by reading its weights, and
 // with ~15 torch ops per layer the time between ops (dispatch, thread fork/join, small allocations)
 // cost as much as a third of a token. Here a layer is 4 parallel regions (q/k/v, attention, o_proj,
-// gate/up + down), each product reads its weight rows once for every input row, and the small ops
-// (RMSNorm, RoPE, SiLU, residuals) run inline. Threads come from ATen's pool (at::parallel_for), so
-// the extension never starts a second OpenMP runtime beside torch's.
+// gate/up + down), each product reads its weights once for all the step's rows, and the small ops
+// (RMSNorm, RoPE, SiLU, residuals) run inline. Weights come packed in panels of 16 output columns
+// (`pack_panels`, the fast layout) or as nn.Linear's own [out, in] rows (no copy). Threads come from
+// ATen's pool (at::parallel_for), so the extension never starts a second OpenMP runtime beside torch's.
 //
 // Numerics follow transformers' LlamaDecoderLayer op for op in fp32; only summation order differs
-// (8-lane partial sums), so logits agree to ~1e-5 and greedy tokens match (tests/test_runtime.py).
+// (8-lane partial sums) and exp is a ~1 ulp polynomial, so logits agree to ~1e-5 and greedy tokens
+// match (tests/test_runtime.py, bench/generate.py).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -85,16 +87,16 @@ inline void rows_block(const float* X, int64_t M, int64_t ldx, const float* cons
   }
 }
 
-// Y[:, n0:n1] = X @ W[n0:n1]^T for W [N, K] contiguous.
-void gemm_range(const float* X, int64_t M, int64_t ldx, const float* W, int64_t K, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const float* w[4] = {W + n * K, W + (n + 1) * K, W + (n + 2) * K, W + (n + 3) * K};
-    rows_block<4>(X, M, ldx, w, K, Y + n, ldy);
+// Y[:, 0:n] = X @ W[0:n]^T for n weight rows of K floats each (W and Y already offset to the block).
+void gemm_range(const float* X, int64_t M, int64_t ldx, const float* W, int64_t K, float* Y, int64_t ldy, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* w[4] = {W + j * K, W + (j + 1) * K, W + (j + 2) * K, W + (j + 3) * K};
+    rows_block<4>(X, M, ldx, w, K, Y + j, ldy);
   }
-  for (; n < n1; ++n) {
-    const float* w[1] = {W + n * K};
-    rows_block<1>(X, M, ldx, w, K, Y + n, ldy);
+  for (; j < n; ++j) {
+    const float* w[1] = {W + j * K};
+    rows_block<1>(X, M, ldx, w, K, Y + j, ldy);
   }
 }
 
@@ -107,7 +109,7 @@ struct Segments {
 void gemm_segments(const float* X, int64_t M, int64_t ldx, const Segments& s, int64_t K, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
   for (size_t i = 0; i + 1 < s.start.size(); ++i) {
     const int64_t a = std::max(n0, s.start[i]), b = std::min(n1, s.start[i + 1]);
-    if (a < b) gemm_range(X, M, ldx, s.w[i] - s.start[i] * K, K, Y, ldy, a, b);
+    if (a < b) gemm_range(X, M, ldx, s.w[i] + (a - s.start[i]) * K, K, Y + a, ldy, b - a);
   }
 }
 
@@ -491,7 +493,7 @@ void layer_forward(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, std::v
   if (use_panels) residual_panels(ao, nq, panels[1]);
   else parallel_cols(D, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> y(Mo * (n1 - n0));
-    gemm_range(ao, Mo, nq, wop, nq, y.data() - n0, n1 - n0, n0, n1);  // column n0 lands at y[0]
+    gemm_range(ao, Mo, nq, wop + n0 * nq, nq, y.data(), n1 - n0, n1 - n0);
     for (int64_t m = 0; m < Mo; ++m)
       for (int64_t n = n0; n < n1; ++n) xo[m * D + n] += y[m * (n1 - n0) + (n - n0)];
   });
@@ -544,7 +546,7 @@ void layer_forward(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, std::v
   const float* wdp = wdown.data_ptr<float>();
   parallel_cols(D, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> y(Mo * (n1 - n0));
-    gemm_range(acto, Mo, inter, wdp, inter, y.data() - n0, n1 - n0, n0, n1);
+    gemm_range(acto, Mo, inter, wdp + n0 * inter, inter, y.data(), n1 - n0, n1 - n0);
     for (int64_t m = 0; m < Mo; ++m)
       for (int64_t n = n0; n < n1; ++n) xo[m * D + n] += y[m * (n1 - n0) + (n - n0)];
   });
@@ -572,7 +574,7 @@ torch::Tensor head_forward(torch::Tensor x, torch::Tensor norm_w, torch::Tensor 
     });
     return out;
   }
-  parallel_cols(V, 64, [&](int64_t n0, int64_t n1) { gemm_range(hp, M, D, wp, D, op, V, n0, n1); });
+  parallel_cols(V, 64, [&](int64_t n0, int64_t n1) { gemm_range(hp, M, D, wp + n0 * D, D, op + n0, V, n1 - n0); });
   return out;
 }
 
