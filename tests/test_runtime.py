@@ -126,6 +126,13 @@ def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, mon
     sc = dec.new_sequence()
     dec.import_kv(sc, kv)
     torch.testing.assert_close(dec.prefill(sc, emb(a)[0, 10:14]), ref_a[13], rtol=1e-4, atol=1e-4)
+    sd = dec.new_sequence()  # several sequences prefilled together: a fresh one and one with a cached prefix
+    monkeypatch.setattr(fast_decode, "KERNEL_ROWS", 8)  # 6 + 3 rows: two kernel steps
+    both = dec.prefill_many([sd, sc], [emb(b)[0, :6], emb(a)[0, 14:17]])
+    torch.testing.assert_close(both, torch.stack([ref_b[5], ref_a[16]]), rtol=1e-4, atol=1e-4)
+    assert dec.length(sd) == 6 and dec.length(sc) == 17
+    got = dec.decode([sc, sd, sb], [a[0, 17], b[0, 6], b[0, 11]])
+    torch.testing.assert_close(got, torch.stack([ref_a[17], ref_b[6], ref_b[11]]), rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_build_says_why_it_is_off(monkeypatch):
@@ -266,6 +273,31 @@ def test_a_failing_request_does_not_take_the_batch_down(backend):
     with pytest.raises(ValueError):
         list(bad)
     same([good.result(), late.result()], want)
+    assert sched.decoder.n_active == 0
+
+
+def test_a_burst_about_one_image_is_admitted_together(backend, monkeypatch):
+    """Requests submitted together: the first prefills alone and stores its prompt, the rest find it
+    in the prefix cache and prefill in one `prefill_many` step; a broken one among them fails alone."""
+    questions = ["What color is it?", "Is it a circle?", "Describe it."]  # + a broken one: the 4 slots
+    convs = [conv("orange", q) for q in questions]
+    params = SamplingParams(max_new_tokens=7)
+    want = reference(backend, convs, params)
+    sched = backend.scheduler
+    calls = []
+    real = sched.decoder.prefill_many
+    monkeypatch.setattr(sched.decoder, "prefill_many", lambda seqs, embeds: calls.append(len(seqs)) or real(seqs, embeds))
+    reqs = backend.encode_requests(convs)
+    handles = [sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in reqs[:2]]
+    bad = sched.submit(reqs[1][0], params)  # image placeholders but no image features: embed raises
+    handles += [sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in reqs[2:]]
+    sched.run()
+    with pytest.raises(ValueError):
+        bad.result()
+    results = [h.result() for h in handles]
+    same(results, want)
+    assert calls == [2]  # one step for the two after the first (the broken one dropped out before it)
+    assert all(h.cached_prompt_tokens > 0 for h in handles[1:])  # they shared the first's prefix
     assert sched.decoder.n_active == 0
 
 

@@ -489,6 +489,39 @@ class FastLM:
             return None
         return self._logits(x[-1:])[0]
 
+    @torch.inference_mode()
+    def prefill_many(self, seqs: list[int], embeds: list[torch.Tensor]) -> torch.Tensor:
+        """`prefill` of several sequences at once: the next-token logits after each, [n, V].
+
+        On the kernel the rows of every sequence run as one step (each row at its own slot and
+        position), so the weights are read once for all of them -- what several requests admitted
+        together (a burst of questions about one image) cost in one follow-up's time and a bit."""
+        sizes = [e.shape[0] for e in embeds]
+        if self.kernel is None or not seqs or min(sizes) < 1 or max(sizes) > KERNEL_ROWS:
+            return torch.stack([self.prefill(s, e) for s, e in zip(seqs, embeds)])
+        if sum(sizes) > KERNEL_ROWS:  # steps of at most KERNEL_ROWS rows
+            groups, total = [[]], 0
+            for i, t in enumerate(sizes):
+                if total + t > KERNEL_ROWS:
+                    groups.append([])
+                    total = 0
+                groups[-1].append(i)
+                total += t
+            return torch.cat([self.prefill_many([seqs[i] for i in g], [embeds[i] for i in g]) for g in groups])
+        rows, pos = [], []
+        for seq, t in zip(seqs, sizes):
+            row = self._row_of[seq]
+            start = int(self.lengths[row])
+            self._reserve(self.n_active, start + t)
+            rows.append(torch.full((t,), row, dtype=torch.long))
+            pos.append(torch.arange(start, start + t))
+        x = torch.cat([e.reshape(e.shape[0], -1) for e in embeds]).to(self.dtype).contiguous()  # a new tensor: written in place
+        self._run_kernel(x, torch.cat(rows), torch.cat(pos), 0)
+        for seq, p in zip(seqs, pos):
+            self.lengths[self._row_of[seq]] = int(p[-1]) + 1
+        last = torch.tensor(sizes).cumsum(0) - 1
+        return self._logits(x.index_select(0, last))
+
     # -- decode ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, seqs: list[int], tokens: torch.Tensor | list[int]) -> torch.Tensor:

@@ -253,11 +253,8 @@ class Scheduler:
                 admit = []
                 while self._waiting and len(self._running) + len(admit) < self.max_batch:
                     admit.append(self._waiting.pop(0))
-            for req, handle in admit:
-                try:
-                    self._admit(req, handle)
-                except Exception as exc:  # this request fails (result() raises); the others go on
-                    self._fail(req, handle, exc)
+            if admit:
+                self._admit_all(admit)
             decoding = [(r, h) for r, h in self._running if r.pending is not None and r.finish_reason is None]
             # A step that admitted requests ends there, so their first tokens reach the caller before
             # a decode step runs; the next step always decodes (admissions never starve decoding).
@@ -321,9 +318,46 @@ class Scheduler:
             handle._publish(StreamEvent(req.id, None, "", finished=True, finish_reason="error"))
 
     # -- admission ------------------------------------------------------------------------------
-    def _admit(self, req: _Request, handle: RequestHandle) -> None:
-        dec = self.decoder
+    def _admit_all(self, admit: list[tuple[_Request, RequestHandle]]) -> None:
+        """Admit waiting requests. The first runs alone and its prompt goes into the prefix cache, so
+        the others (often the same system prompt and image) find it there; they then prefill together
+        in one step when the decoder can (`prefill_many`): a burst of n questions about one image
+        reads the weights twice, not n times."""
+        together = len(admit) > 1 and hasattr(self.decoder, "prefill_many")
+        for req, handle in admit[:1] if together else admit:
+            try:
+                self._admit(req, handle)
+            except Exception as exc:  # this request fails (result() raises); the others go on
+                self._fail(req, handle, exc)
+        if not together:
+            return
         self._store_pending_prompts()
+        ready = []
+        for req, handle in admit[1:]:
+            try:
+                ready.append((req, handle, *self._start(req, handle)))
+            except Exception as exc:
+                self._fail(req, handle, exc)
+        if not ready:
+            return
+        try:
+            logits = self.decoder.prefill_many([r.seq for r, *_ in ready], [embeds for *_, embeds in ready])
+            toks = self._sample(logits, [r for r, *_ in ready])
+        except Exception as exc:
+            for req, handle, *_ in ready:
+                self._fail(req, handle, exc)
+            return
+        now = time.perf_counter()
+        for (req, handle, keys, _), tok in zip(ready, toks):
+            req.first_token_at = now
+            self._accept(req, handle, tok)
+            if keys is not None and req.seq is not None:
+                self._pending_stores.append((req, keys))
+
+    def _start(self, req: _Request, handle: RequestHandle):
+        """Give a request a sequence with its longest cached prefix; returns (its prefix-cache keys or
+        None, the input embeddings still to prefill [T, D])."""
+        dec = self.decoder
         seq = dec.new_sequence()
         req.seq = seq
         with self._lock:
@@ -339,7 +373,12 @@ class Scheduler:
                 start = hit.length
         req.cached_tokens = start
         embeds = self.embed(ids, req.image_embeds)[0]  # [T, D]
-        logits = dec.prefill(seq, embeds[start:])
+        return keys, embeds[start:]
+
+    def _admit(self, req: _Request, handle: RequestHandle) -> None:
+        self._store_pending_prompts()
+        keys, embeds = self._start(req, handle)
+        logits = self.decoder.prefill(req.seq, embeds)
         tok = self._sample(logits.unsqueeze(0), [req])[0]
         req.first_token_at = time.perf_counter()
         self._accept(req, handle, tok)  # the first token goes out before any cache bookkeeping
