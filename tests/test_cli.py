@@ -75,3 +75,15 @@ def test_python_api_batches_over_lists(trained):
     msgs = [{"role": "user", "content": [{"type": "image", "image": images[2]}, {"type": "text", "text": "Count the shapes."}]}]
     assert isinstance(model.generate(msgs, temperature=0.9, seed=3), str)
     assert len(model.generate([msgs, msgs])) == 2
+
+
+def test_the_console_command_prints_warnings_on_one_line(capsys):
+    import warnings
+
+    from visprompt.cli.main import _one_line_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _one_line_warnings()
+        warnings.warn("visprompt: decoding without the C++ layer kernel (no compiler)", stacklevel=1)
+    assert capsys.readouterr().err == "warning: visprompt: decoding without the C++ layer kernel (no compiler)\n"

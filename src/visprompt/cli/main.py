@@ -204,7 +204,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def _one_line_warnings() -> None:
+    """Warnings as `warning: ...` on one line (not Python's file:line + source echo)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def run() -> None:
+    _one_line_warnings()  # the console command only: main() may run inside other programs' warning handling
     sys.exit(main())
 
 
