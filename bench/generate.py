@@ -162,14 +162,18 @@ def measure_scheduler(name, sched, backend, n_new, reps, batches, clear, follow_
     if follow_up:
         out.update(followup_new_question_ttft_s=median(fu_q), followup_turn_ttft_s=median(fu_t),
                    followup_cached_tokens=[median(hits_q), median(hits_t)])
-    conc = {}
-    for n in batches:
+    # Concurrency levels and the one-by-one baseline alternate round by round (medians): on this VM a
+    # process gets faster as its memory warms, so rates measured minutes apart are not comparable.
+    rates: dict[str, list[float]] = {str(n): [] for n in batches}
+    one_by_one = []
+    for _ in range(reps):
+        for n in batches:
+            clear()
+            rates[str(n)].append(run_concurrent(sched, encode, n, n_new)[0])
         clear()
-        rate, _ = run_concurrent(sched, encode, n, n_new)
-        conc[str(n)] = rate
-    out["concurrent_tok_s"] = conc
-    clear()
-    out["one_by_one_tok_s"] = run_sequential(sched, encode, min(4, max(batches)), n_new)
+        one_by_one.append(run_sequential(sched, encode, min(4, max(batches)), n_new))
+    out["concurrent_tok_s"] = {n: median(r) for n, r in rates.items()}
+    out["one_by_one_tok_s"] = median(one_by_one)
     out["rss_mb"] = rss_mb()
     if ref_tokens is not None:
         out["greedy_identical_to_transformers"] = tokens == ref_tokens
