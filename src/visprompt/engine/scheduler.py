@@ -347,12 +347,8 @@ class Scheduler:
             for req, handle, *_ in ready:
                 self._fail(req, handle, exc)
             return
-        now = time.perf_counter()
         for (req, handle, keys, _), tok in zip(ready, toks):
-            req.first_token_at = now
-            self._accept(req, handle, tok)
-            if keys is not None and req.seq is not None:
-                self._pending_stores.append((req, keys))
+            self._first_token(req, handle, keys, tok)
 
     def _start(self, req: _Request, handle: RequestHandle):
         """Give a request a sequence with its longest cached prefix; returns (its prefix-cache keys or
@@ -379,7 +375,9 @@ class Scheduler:
         self._store_pending_prompts()
         keys, embeds = self._start(req, handle)
         logits = self.decoder.prefill(req.seq, embeds)
-        tok = self._sample(logits.unsqueeze(0), [req])[0]
+        self._first_token(req, handle, keys, self._sample(logits.unsqueeze(0), [req])[0])
+
+    def _first_token(self, req: _Request, handle: RequestHandle, keys, tok: int) -> None:
         req.first_token_at = time.perf_counter()
         self._accept(req, handle, tok)  # the first token goes out before any cache bookkeeping
         # Store the prompt soon (not only at the end), so requests admitted after this one share it:
