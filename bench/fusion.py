@@ -31,7 +31,11 @@ from visprompt.data.shapes import COLORS, SHAPES, Scene, render_scene, sample_sc
 
 QUESTIONS = {
     "which": ["Which image has {a}?", "Which image shows {a}?", "In which image is there {a}?"],
-    "count": ["How many {shape}s are there in both images?", "How many {shape}s do the two images show in total?", "Count the {shape}s in both images."],
+    "count": [
+        "How many {shape}s are there in both images?",
+        "How many {shape}s do the two images show in total?",
+        "Count the {shape}s in both images.",
+    ],
     "more": ["Which image has more shapes?", "Which image shows more objects?"],
 }
 KINDS = tuple(QUESTIONS)
@@ -79,7 +83,9 @@ def ask_more(a: Scene, b: Scene, rng: random.Random) -> tuple[str, str]:
     return rng.choice(QUESTIONS["more"]), "first" if na > nb else "second" if nb > na else "same"
 
 
-def generate_pairs(out: Path, n_train: int, n_test: int, seed: int = 0, image_size: int = 96, max_objects: int = 3) -> dict:
+def generate_pairs(
+    out: Path, n_train: int, n_test: int, seed: int = 0, image_size: int = 96, max_objects: int = 3
+) -> dict:
     """Write images/{split}/NNNNN_{a,b}.png and {split}.json (LLaVA, two images per record)."""
     summary = {}
     train_sigs: set = set()
@@ -122,9 +128,18 @@ MODEL = {
     # The packaged ImageNet EfficientNet-Lite0, frozen (the trainer runs it once per image), read at
     # block 8 as recipes/shapes-tiny.yaml does: 96 px -> 6x6 map -> pixel shuffle 2 -> a token per
     # scene cell. Image tokens 15x louder than the fresh LM's embeddings.
-    "vision_source": "efficientnet-lite0", "image_size": 96, "vision_feature_layer": 8, "connector_pixel_shuffle": 2,
+    "vision_source": "efficientnet-lite0",
+    "image_size": 96,
+    "vision_feature_layer": 8,
+    "connector_pixel_shuffle": 2,
     "connector_output_gain": 15.0,
-    "lm_source": "scratch", "lm_hidden_size": 128, "lm_layers": 3, "lm_heads": 4, "lm_kv_heads": 4, "lm_max_position": 256, "tokenizer_vocab_size": 384,
+    "lm_source": "scratch",
+    "lm_hidden_size": 128,
+    "lm_layers": 3,
+    "lm_heads": 4,
+    "lm_kv_heads": 4,
+    "lm_max_position": 256,
+    "tokenizer_vocab_size": 384,
 }
 STRATEGIES = {
     "prefix": {"fusion": "prefix"},
@@ -133,7 +148,18 @@ STRATEGIES = {
 }
 # Not in the default run (it would take the bench past 15 minutes): --only "cross_attention, gates 0.5"
 EXTRA = {"cross_attention, gates 0.5": {"fusion": "cross_attention", "xattn_every": 1, "xattn_gate_init": 0.5}}
-TRAIN = {"batch_size": 64, "vision_lr": 0.0, "connector_lr": 1e-3, "lm_lr": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.05, "grad_clip": 1.0, "max_length": 256, "log_every": 20, "seed": 0}
+TRAIN = {
+    "batch_size": 64,
+    "vision_lr": 0.0,
+    "connector_lr": 1e-3,
+    "lm_lr": 1e-3,
+    "weight_decay": 0.01,
+    "warmup_ratio": 0.05,
+    "grad_clip": 1.0,
+    "max_length": 256,
+    "log_every": 20,
+    "seed": 0,
+}
 
 
 def _peak_rss_mib() -> float:
@@ -145,7 +171,9 @@ def run_train(data: Path, out: Path, strategy: str, steps: int, threads: int) ->
     from visprompt.train.config import Recipe, TrainConfig
     from visprompt.train.trainer import Trainer
 
-    train = TrainConfig(train_data=str(data / "train.json"), output_dir=str(out), max_steps=steps, num_threads=threads, **TRAIN)
+    train = TrainConfig(
+        train_data=str(data / "train.json"), output_dir=str(out), max_steps=steps, num_threads=threads, **TRAIN
+    )
     summary = Trainer(Recipe(model=VLMConfig(**MODEL, **{**STRATEGIES, **EXTRA}[strategy]), train=train)).train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -180,7 +208,9 @@ def run_eval(data: Path, out: Path, threads: int, batch_size: int = 32, gen_toke
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts, embeds = backend.encode_prompts([c for c, _, _ in chunk])
-        results = generate_ids(model, prompts, embeds, SamplingParams(max_new_tokens=8), backend.stop_ids, model.tokenizer)
+        results = generate_ids(
+            model, prompts, embeds, SamplingParams(max_new_tokens=8), backend.stop_ids, model.tokenizer
+        )
         for (_, gold, kind), r in zip(chunk, results):
             hits[kind].append(exact_match(r.text, gold))
     flat = [h for v in hits.values() for h in v]
@@ -206,12 +236,15 @@ def run_eval(data: Path, out: Path, threads: int, batch_size: int = 32, gen_toke
 
 
 def _child(args: list[str]) -> dict:
-    res = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True)  # stderr: progress
+    res = subprocess.run(
+        [sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True
+    )  # stderr: progress
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def majority_baseline(data: Path) -> dict:
     """Exact match of always giving the most common training answer of each question kind (no image)."""
+
     def answers(split):
         out: dict[str, list[str]] = {k: [] for k in KINDS}
         for r in json.loads((data / f"{split}.json").read_text()):
@@ -222,7 +255,10 @@ def majority_baseline(data: Path) -> dict:
 
     train, test = answers("train"), answers("test")
     em = {k: sum(a == Counter(train[k]).most_common(1)[0][0] for a in test[k]) / len(test[k]) for k in KINDS}
-    return {"exact_match": sum(em[k] * len(test[k]) for k in KINDS) / sum(len(v) for v in test.values()), **{f"em_{k}": v for k, v in em.items()}}
+    return {
+        "exact_match": sum(em[k] * len(test[k]) for k in KINDS) / sum(len(v) for v in test.values()),
+        **{f"em_{k}": v for k, v in em.items()},
+    }
 
 
 def table(results: dict[str, dict]) -> str:
@@ -230,7 +266,9 @@ def table(results: dict[str, dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "trainable_parameters" not in r:  # the no-image baseline
-            lines.append(f"| {name} | {r['exact_match']:.1%} | {r['em_which']:.0%} / {r['em_count']:.0%} / {r['em_more']:.0%} | - | - | - | - |")
+            lines.append(
+                f"| {name} | {r['exact_match']:.1%} | {r['em_which']:.0%} / {r['em_count']:.0%} / {r['em_more']:.0%} | - | - | - | - |"
+            )
             continue
         lines.append(
             f"| {name} | {r['exact_match']:.1%} | {r['em_which']:.0%} / {r['em_count']:.0%} / {r['em_more']:.0%} | "
@@ -247,7 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core box, 2 threads collapse when the other core is busy")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="1: on a shared 2-core box, 2 threads collapse when the other core is busy",
+    )
     p.add_argument("--only", nargs="*", default=list(STRATEGIES), choices=[*STRATEGIES, *EXTRA])
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -277,7 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         text = doc.read_text() if doc.is_file() else f"{MARK_BEGIN}\n{MARK_END}\n"
         before, rest = text.split(MARK_BEGIN, 1)
         after = rest.split(MARK_END, 1)[1]
-        cmd = "flock /tmp/visprompt-cpu.lock python bench/fusion.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = "flock /tmp/visprompt-cpu.lock python bench/fusion.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
         block = f"{MARK_BEGIN}\n{md}\n\n{args.n_train} training image pairs x 3 questions (one record each), {args.steps} steps of batch {TRAIN['batch_size']}; {args.n_test * 3} held-out questions; {args.threads} CPU threads; {time.time() - t0:.0f} s in all. Reproduce with `{cmd}`.\n{MARK_END}"
         doc.write_text(before + block + after)
 

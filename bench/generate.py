@@ -33,11 +33,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "coffee.jpg"
 QUESTIONS = [
-    "What is in this picture?", "Describe the image in detail.", "What colors do you see?", "Is there a drink here?",
-    "What is the object on the table?", "Where could this photo have been taken?", "Write a caption for this photo.",
-    "What time of day is it?", "Is this a cafe?", "What material is the cup made of?", "How many cups are there?",
-    "What is the mood of this picture?", "Is the drink hot or cold?", "What is next to the cup?",
-    "Could you name the drink?", "Tell me a story about this image.",
+    "What is in this picture?",
+    "Describe the image in detail.",
+    "What colors do you see?",
+    "Is there a drink here?",
+    "What is the object on the table?",
+    "Where could this photo have been taken?",
+    "Write a caption for this photo.",
+    "What time of day is it?",
+    "Is this a cafe?",
+    "What material is the cup made of?",
+    "How many cups are there?",
+    "What is the mood of this picture?",
+    "Is the drink hot or cold?",
+    "What is next to the cup?",
+    "Could you name the drink?",
+    "Tell me a story about this image.",
 ]
 GATE_PHOTOS = ["coffee.jpg", "chelsea.jpg", "rocket.jpg", "astronaut.jpg"]
 GATE_QUESTIONS = ["What is in this picture?", "Write a short poem about it."]
@@ -99,10 +110,10 @@ def run_one(backend_or_sched, encode, question, n_new, photo=PHOTO, history=None
     c = conv(question, photo) if history is None else history + [{"role": "user", "content": question}]
     sched = backend_or_sched
     t0 = time.perf_counter()
-    (prompt, embeds, keys), = encode([c])
+    ((prompt, embeds, keys),) = encode([c])
     h = sched.submit(prompt, SamplingParams(max_new_tokens=n_new), image_embeds=embeds, image_keys=keys)
     first = None
-    for ev in h.events():
+    for _ev in h.events():
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
@@ -129,8 +140,10 @@ def run_sequential(sched, encode, n, n_new):
     t0 = time.perf_counter()
     toks = 0
     for i in range(n):
-        (p, e, k), = encode([conv(QUESTIONS[i % len(QUESTIONS)])])
-        toks += len(sched.submit(p, SamplingParams(max_new_tokens=n_new), image_embeds=e, image_keys=k).result().token_ids)
+        ((p, e, k),) = encode([conv(QUESTIONS[i % len(QUESTIONS)])])
+        toks += len(
+            sched.submit(p, SamplingParams(max_new_tokens=n_new), image_embeds=e, image_keys=k).result().token_ids
+        )
     return toks / (time.perf_counter() - t0)
 
 
@@ -160,8 +173,11 @@ def measure_scheduler(name, sched, backend, n_new, reps, batches, clear, follow_
             hits_t.append(hit3)
     out.update(ttft_s=median(ttft), decode_tok_s=median(dec), tokens=tokens, text=text)
     if follow_up:
-        out.update(followup_new_question_ttft_s=median(fu_q), followup_turn_ttft_s=median(fu_t),
-                   followup_cached_tokens=[median(hits_q), median(hits_t)])
+        out.update(
+            followup_new_question_ttft_s=median(fu_q),
+            followup_turn_ttft_s=median(fu_t),
+            followup_cached_tokens=[median(hits_q), median(hits_t)],
+        )
     # Concurrency levels and the one-by-one baseline alternate round by round (medians): on this VM a
     # process gets faster as its memory warms, so rates measured minutes apart are not comparable.
     rates: dict[str, list[float]] = {str(n): [] for n in batches}
@@ -197,16 +213,19 @@ def measure_transformers(model, backend, n_new, reps, batches):
         x = torch.zeros(len(rows), width, rows[0].shape[1])
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
-            x[i, width - r.shape[0]:] = r
-            mask[i, width - r.shape[0]:] = 1
+            x[i, width - r.shape[0] :] = r
+            mask[i, width - r.shape[0] :] = 1
         return x, mask
 
     def gen(questions, n):
         t0 = time.perf_counter()
         with torch.inference_mode():
             x, mask = embeds_for(questions)
-            out = lm.generate(inputs_embeds=x, attention_mask=mask,
-                              generation_config=GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=pad))
+            out = lm.generate(
+                inputs_embeds=x,
+                attention_mask=mask,
+                generation_config=GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=pad),
+            )
         return time.perf_counter() - t0, out
 
     try:
@@ -224,16 +243,24 @@ def measure_transformers(model, backend, n_new, reps, batches):
         for n in batches:
             t, out = gen(QUESTIONS[:n], n_new)
             conc[str(n)] = out.numel() / t
-        return {"engine": "transformers generate (fp32)", "ttft_s": median(ttft), "decode_tok_s": median(dec), "tokens": tokens,
-                "concurrent_tok_s": conc, "one_by_one_tok_s": conc.get("1"), "rss_mb": rss_mb()}
+        return {
+            "engine": "transformers generate (fp32)",
+            "ttft_s": median(ttft),
+            "decode_tok_s": median(dec),
+            "tokens": tokens,
+            "concurrent_tok_s": conc,
+            "one_by_one_tok_s": conc.get("1"),
+            "rss_mb": rss_mb(),
+        }
     finally:
         lm.generation_config.eos_token_id = saved_eos
 
 
 def gate_prompts(model, backend):
-    from visprompt.engine.prompting import encode_chat, to_chat
 
-    convs = [conv(q, ROOT / "examples" / p) for p in GATE_PHOTOS for q in GATE_QUESTIONS if (ROOT / "examples" / p).is_file()]
+    convs = [
+        conv(q, ROOT / "examples" / p) for p in GATE_PHOTOS for q in GATE_QUESTIONS if (ROOT / "examples" / p).is_file()
+    ]
     reqs = backend.encode_requests(convs)
     with torch.inference_mode():
         return [model.embed(torch.tensor([p]), e)[0] for p, e, _ in reqs]
@@ -274,13 +301,25 @@ def main(argv=None) -> int:
     lm_params = sum(p.numel() for p in model.lm.parameters())
     bw = matvec_bandwidth()
     report = {
-        "command": "flock /tmp/visprompt-cpu.lock python bench/generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-                    "matvec_gb_s": bw, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
-        "workload": {"lm": "SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32)", "vision": "EfficientNet-Lite0",
-                     "image_tokens": model.cfg.tokens_per_image, "photo": PHOTO.name, "new_tokens": n_new,
-                     "prompt_tokens": len(backend.encode_requests([conv(QUESTIONS[0])])[0][0]), "lm_params": lm_params,
-                     "model_load_s": load_s},
+        "command": "flock /tmp/visprompt-cpu.lock python bench/generate.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "matvec_gb_s": bw,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "workload": {
+            "lm": "SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32)",
+            "vision": "EfficientNet-Lite0",
+            "image_tokens": model.cfg.tokens_per_image,
+            "photo": PHOTO.name,
+            "new_tokens": n_new,
+            "prompt_tokens": len(backend.encode_requests([conv(QUESTIONS[0])])[0][0]),
+            "lm_params": lm_params,
+            "model_load_s": load_s,
+        },
         "engines": [],
     }
     fp32_bytes = lm_params * 4
@@ -299,8 +338,16 @@ def main(argv=None) -> int:
 
     print("visprompt fp32 (FastLM + scheduler + caches) ...", flush=True)
     sched = backend.scheduler
-    ours = measure_scheduler("visprompt fp32 (lean decoder, continuous batching, caches)", sched, backend, n_new, args.reps, batches, clear,
-                             ref_tokens=hf["tokens"] if hf else None)
+    ours = measure_scheduler(
+        "visprompt fp32 (lean decoder, continuous batching, caches)",
+        sched,
+        backend,
+        n_new,
+        args.reps,
+        batches,
+        clear,
+        ref_tokens=hf["tokens"] if hf else None,
+    )
     ours["roofline_tok_s"] = roofline_fp32
     report["engines"].append(ours)
 
@@ -327,8 +374,13 @@ def main(argv=None) -> int:
 
             for p, want in zip(prompts, ref_tokens):
                 with torch.inference_mode():
-                    out = lm.generate(inputs_embeds=p[None], attention_mask=torch.ones(1, p.shape[0], dtype=torch.long),
-                                      generation_config=GenerationConfig(do_sample=False, max_new_tokens=args.gate_tokens, pad_token_id=0))
+                    out = lm.generate(
+                        inputs_embeds=p[None],
+                        attention_mask=torch.ones(1, p.shape[0], dtype=torch.long),
+                        generation_config=GenerationConfig(
+                            do_sample=False, max_new_tokens=args.gate_tokens, pad_token_id=0
+                        ),
+                    )
                 same += int(out[0].tolist() == want)
         finally:
             lm.generation_config.eos_token_id = saved_eos
@@ -336,20 +388,31 @@ def main(argv=None) -> int:
 
     quants = [q for q in args.quant.split(",") if q]
     if quants and llama_cpp_available():
-        targets = [(f"llama.cpp {q.upper()} (visprompt GGUF export) + scheduler", cached_gguf(model.lm, q), q, False) for q in quants]
+        targets = [
+            (f"llama.cpp {q.upper()} (visprompt GGUF export) + scheduler", cached_gguf(model.lm, q), q, False)
+            for q in quants
+        ]
         if "q4_1" in quants:
-            targets.append(("llama.cpp Q4_1 + flash attention (f16) + scheduler", cached_gguf(model.lm, "q4_1"), "q4_1", True))
+            targets.append(
+                ("llama.cpp Q4_1 + flash attention (f16) + scheduler", cached_gguf(model.lm, "q4_1"), "q4_1", True)
+            )
         del ref
         folder, name = packaged_smollm2_path()
         targets.append(("llama.cpp packaged Q4_1 GGUF (peer) + scheduler", Path(folder) / name, "q4_1-packaged", False))
         for label, path, q, fa in targets:
             print(label, "...", flush=True)
             dec = LlamaCppLM(path, max_batch=max(batches), ctx_per_seq=512, n_threads=args.threads, flash_attn=fa)
-            qs = Scheduler(dec, model.embed, model.tokenizer, [], image_token_id=model.cfg.image_token_id, prefix_cache=None)
+            qs = Scheduler(
+                dec, model.embed, model.tokenizer, [], image_token_id=model.cfg.image_token_id, prefix_cache=None
+            )
             res = measure_scheduler(label, qs, backend, n_new, args.reps, batches, clear, follow_up=True)
             ag = agreement(None, dec, prompts, n_tokens=args.gate_tokens, reference_tokens=ref_tokens)
-            res.update(agreement_teacher_forced=ag.teacher_forced, agreement_identical=ag.identical,
-                       first_divergence=ag.first_divergence, gguf_mb=path.stat().st_size / 2**20)
+            res.update(
+                agreement_teacher_forced=ag.teacher_forced,
+                agreement_identical=ag.identical,
+                first_divergence=ag.first_divergence,
+                gguf_mb=path.stat().st_size / 2**20,
+            )
             res["roofline_tok_s"] = bw * 1e9 / path.stat().st_size
             if ours.get("tokens"):
                 res["greedy_identical_to_fp32"] = res["tokens"] == ours["tokens"]
@@ -396,21 +459,29 @@ def markdown(report, hf) -> str:
         if "agreement_teacher_forced" in e:
             agree = f"{100 * e['agreement_teacher_forced']:.1f}% teacher-forced, {100 * e['agreement_identical']:.0f}% prompts identical"
         elif "greedy_identical_to_transformers" in e:
-            agree = "identical to transformers" if e["greedy_identical_to_transformers"] else "DIFFERS from transformers"
+            agree = (
+                "identical to transformers" if e["greedy_identical_to_transformers"] else "DIFFERS from transformers"
+            )
             if "prompt_set_identical_to_transformers" in e:
                 agree += f" (prompt set: {e['prompt_set_identical_to_transformers']} prompts identical)"
         else:
             agree = "(reference)"
         ratio = fmt(e["decode_tok_s"] / base, ".1f") + "×" if base else "–"
         roof = fmt(100 * e["decode_tok_s"] / e["roofline_tok_s"], ".0f") if e.get("roofline_tok_s") else "–"
-        lines.append(f"| {e['engine']} | {fmt(e['ttft_s'], '.3f')} | {fmt(e['decode_tok_s'], '.1f')} | {ratio} | {roof} | {rates} | {speedup16} | {fu} | {agree} | {fmt(e.get('rss_mb'), '.0f')} |")
+        lines.append(
+            f"| {e['engine']} | {fmt(e['ttft_s'], '.3f')} | {fmt(e['decode_tok_s'], '.1f')} | {ratio} | {roof} | {rates} | {speedup16} | {fu} | {agree} | {fmt(e.get('rss_mb'), '.0f')} |"
+        )
     lines.append("")
     ours = next((e for e in report["engines"] if e["engine"].startswith("visprompt fp32")), None)
     if ours and "concurrent_tok_s_no_caches" in ours:
         for k, v in ours["concurrent_tok_s_no_caches"].items():
-            lines.append(f"visprompt fp32 at {k} concurrent with both caches off: {v:.1f} tok/s (with them: {ours['concurrent_tok_s'].get(k, 0):.1f}).")
-    lines.append(f"Peak RSS of the whole run: {report['peak_rss_mb']:.0f} MB. Roofline: weights bytes per token at the measured mat-vec bandwidth "
-                 "(fp32: 4 bytes × LM parameters; GGUF: file size).")
+            lines.append(
+                f"visprompt fp32 at {k} concurrent with both caches off: {v:.1f} tok/s (with them: {ours['concurrent_tok_s'].get(k, 0):.1f})."
+            )
+    lines.append(
+        f"Peak RSS of the whole run: {report['peak_rss_mb']:.0f} MB. Roofline: weights bytes per token at the measured mat-vec bandwidth "
+        "(fp32: 4 bytes × LM parameters; GGUF: file size)."
+    )
     if "llama_cpp" in report:
         lines.append(f"llama.cpp: {report['llama_cpp']}.")
     return "\n".join(lines) + "\n"

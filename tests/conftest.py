@@ -30,7 +30,9 @@ def shapes_dir(tmp_path_factory):
     from visprompt.data.shapes import generate_shapes_dataset
 
     out = tmp_path_factory.mktemp("shapes")
-    generate_shapes_dataset(out, n_train=48, n_test=8, seed=3, turns_per_record=0, image_after_question=False)  # multi-turn, image first
+    generate_shapes_dataset(
+        out, n_train=48, n_test=8, seed=3, turns_per_record=0, image_after_question=False
+    )  # multi-turn, image first
     return out
 
 
@@ -38,16 +40,36 @@ def tiny_config(**overrides):
     from visprompt.models.config import VLMConfig
 
     base = dict(
-        vision_type="vit", vision_hidden_size=32, vision_layers=1, vision_heads=2, vision_patch_size=8, image_size=32,
-        lm_hidden_size=48, lm_layers=2, lm_heads=2, lm_kv_heads=1, lm_max_position=256, tokenizer_vocab_size=320,
+        vision_type="vit",
+        vision_hidden_size=32,
+        vision_layers=1,
+        vision_heads=2,
+        vision_patch_size=8,
+        image_size=32,
+        lm_hidden_size=48,
+        lm_layers=2,
+        lm_heads=2,
+        lm_kv_heads=1,
+        lm_max_position=256,
+        tokenizer_vocab_size=320,
     )
     base.update(overrides)
     return VLMConfig(**base)
 
 
 TEXTS = [
-    "What color is the circle?", "red", "blue", "green", "How many shapes are there?", "3", "yes", "no",
-    "Describe the image.", "a small red circle and a large blue square", "Where is the square?", "top left",
+    "What color is the circle?",
+    "red",
+    "blue",
+    "green",
+    "How many shapes are there?",
+    "3",
+    "yes",
+    "no",
+    "Describe the image.",
+    "a small red circle and a large blue square",
+    "Where is the square?",
+    "top left",
 ]
 
 
@@ -56,7 +78,7 @@ def spread_weights(model, std=0.4, seed=0):
     (the default 0.02 init makes every step pick the same token, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model

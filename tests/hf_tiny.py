@@ -61,16 +61,27 @@ _SMOLVLM_TEMPLATE = (
 )
 
 
-def make_tokenizer(special_tokens: list[str], *, eos: str = "<|im_end|>", pad: str = "<|endoftext|>",
-                   bos: str | None = None, chat_template: str | None = None, vocab_size: int = 320):
+def make_tokenizer(
+    special_tokens: list[str],
+    *,
+    eos: str = "<|im_end|>",
+    pad: str = "<|endoftext|>",
+    bos: str | None = None,
+    chat_template: str | None = None,
+    vocab_size: int = 320,
+):
     """A byte-level BPE tokenizer (transformers `TokenizersBackend`) with the given special tokens."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[pad], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[pad],
+        show_progress=False,
+    )
     tok.train_from_iterator(_SENTENCES, trainer)
     named = {"eos_token": eos, "pad_token": pad}
     if bos is not None:
@@ -86,16 +97,29 @@ def make_tokenizer(special_tokens: list[str], *, eos: str = "<|im_end|>", pad: s
 
 # CLIP tower: 32 px images, 8 px patches -> 16 patch tokens (+ CLS, dropped by the "default" strategy).
 _CLIP_VISION = {
-    "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32,
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
 }
 
 
 def _llama_text(vocab: int, **kw) -> dict:
     cfg = {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
     }
     cfg.update(kw)
     return cfg
@@ -106,9 +130,11 @@ def _finish(model, processor, tokenizer, folder: Path, *, eos_ids: list[int]) ->
     from transformers import GenerationConfig
 
     model.eval()
-    gen_cfg = GenerationConfig(eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
-                               pad_token_id=tokenizer.pad_token_id,
-                               bos_token_id=tokenizer.bos_token_id)
+    gen_cfg = GenerationConfig(
+        eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     model.generation_config = gen_cfg
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -131,6 +157,7 @@ def _init_weights(model, seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- LLaVA
 
+
 def write_llava(folder, seed: int = 0) -> Path:
     """LLaVA-1.5 style: CLIP vision tower (32 px, 8 px patches -> 16 image tokens), llama LM."""
     from transformers import (
@@ -146,15 +173,23 @@ def write_llava(folder, seed: int = 0) -> Path:
     cfg = LlavaConfig(
         vision_config=dict(_CLIP_VISION),
         text_config=_llama_text(vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     _init_weights(model, seed)
     ip = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=tok.chat_template)
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
     return _finish(model, proc, tok, folder, eos_ids=[tok.eos_token_id])
 
 
@@ -174,20 +209,31 @@ def write_llava_next(folder, seed: int = 0) -> Path:
     cfg = LlavaNextConfig(
         vision_config=dict(_CLIP_VISION),
         text_config=_llama_text(vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
-        vision_feature_select_strategy="default", vision_feature_layer=-2, image_grid_pinpoints=pinpoints,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg)
     _init_weights(model, seed)
-    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                    image_grid_pinpoints=pinpoints)
-    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                              num_additional_image_tokens=1, chat_template=tok.chat_template)
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
     return _finish(model, proc, tok, folder, eos_ids=[tok.eos_token_id])
 
 
 # -------------------------------------------------------------------------------------------- Qwen2-VL
+
 
 def write_qwen2_vl(folder, seed: int = 0) -> Path:
     """Qwen2-VL style: 14 px patches merged 2x2 (28 px per image token), M-RoPE, native resolution
@@ -207,30 +253,47 @@ def write_qwen2_vl(folder, seed: int = 0) -> Path:
     ids = tok.convert_tokens_to_ids
     cfg = Qwen2VLConfig(
         text_config={
-            "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
             # head_dim 16 -> 8 rotary frequencies split over (time, height, width)
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": None, "eos_token_id": ids("<|im_end|>"), "pad_token_id": tok.pad_token_id,
+            "bos_token_id": None,
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": tok.pad_token_id,
         },
         vision_config={
-            "depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2, "patch_size": 14,
-            "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
         },
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg)
     _init_weights(model, seed)
-    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 84}, patch_size=14,
-                                  temporal_patch_size=2, merge_size=2)
+    ip = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 28 * 28, "longest_edge": 56 * 84}, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
     # The real class wants a torchvision video processor: build it without one (saved as Qwen2VLProcessor).
     proc = processor_without_video(Qwen2VLProcessor, ip, tok, chat_template=tok.chat_template)
     return _finish(model, proc, tok, folder, eos_ids=[ids("<|im_end|>"), ids("<|endoftext|>")])
 
 
 # ---------------------------------------------------------------------------------- Idefics3 / SmolVLM
+
 
 def _idefics3_like(folder, seed: int, model_type: str) -> Path:
     from transformers import (
@@ -249,14 +312,25 @@ def _idefics3_like(folder, seed: int, model_type: str) -> Path:
     tok = make_tokenizer(specials, eos="<end_of_utterance>", bos="<|im_start|>", chat_template=_SMOLVLM_TEMPLATE)
     vocab = len(tok)
     smol = model_type == "smolvlm"
-    cfg_cls, model_cls, ip_cls = ((SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil) if smol
-                                  else (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil))
+    cfg_cls, model_cls, ip_cls = (
+        (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil)
+        if smol
+        else (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil)
+    )
     cfg = cfg_cls(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                           "image_size": 32, "patch_size": 8},
-        text_config=_llama_text(vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                bos_token_id=tok.bos_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config=_llama_text(
+            vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
     )
     torch.manual_seed(seed)
     model = model_cls(cfg)

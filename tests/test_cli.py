@@ -7,12 +7,11 @@ import sys
 import pytest
 import yaml
 from PIL import Image
+from test_train import TINY_MODEL
 
 import visprompt
 from visprompt.cli.main import main
 from visprompt.tasks.assistant import Assistant
-
-from test_train import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -20,19 +19,32 @@ def trained(tmp_path_factory):
     """`visprompt data shapes` then `visprompt train` (a few steps), through the CLI entry point."""
     root = tmp_path_factory.mktemp("cli")
     assert main(["data", "shapes", str(root / "data"), "--train", "24", "--test", "4", "--seed", "1"]) == 0
-    recipe = {"model": TINY_MODEL, "train": {"train_data": str(root / "data/train.json"), "eval_data": str(root / "data/test.json"), "batch_size": 8, "max_steps": 2}}
+    recipe = {
+        "model": TINY_MODEL,
+        "train": {
+            "train_data": str(root / "data/train.json"),
+            "eval_data": str(root / "data/test.json"),
+            "batch_size": 8,
+            "max_steps": 2,
+        },
+    }
     (root / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(root / "r.yaml"), "--output", str(root / "model"), "--set", "lm_lr=1e-3"]) == 0
     return root
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "visprompt.cli.main", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "visprompt.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_ask_and_describe_print_the_answer_and_json(trained, capsys):
     image = str(trained / "data/images/test/00000.png")
-    assert main(["ask", image, "How many shapes are there?", "--model", str(trained / "model"), "--max-new-tokens", "4"]) == 0
+    assert (
+        main(["ask", image, "How many shapes are there?", "--model", str(trained / "model"), "--max-new-tokens", "4"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert text.endswith("\n") and len(text.splitlines()) == 1
     assert main(["describe", image, "--model", str(trained / "model"), "--json", "--max-new-tokens", "4"]) == 0
@@ -72,7 +84,12 @@ def test_python_api_batches_over_lists(trained):
     assert isinstance(one, str) and isinstance(many, list) and len(many) == 3
     assert many[0] == one  # batched greedy equals single
     assert model.describe(Image.open(images[1])) == model.describe([images[1]])[0]
-    msgs = [{"role": "user", "content": [{"type": "image", "image": images[2]}, {"type": "text", "text": "Count the shapes."}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": images[2]}, {"type": "text", "text": "Count the shapes."}],
+        }
+    ]
     assert isinstance(model.generate(msgs, temperature=0.9, seed=3), str)
     assert len(model.generate([msgs, msgs])) == 2
 

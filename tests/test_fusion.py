@@ -96,7 +96,16 @@ def _lm_folder(tmp_path, family):
     if family == "gpt2":
         lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=256))
     else:
-        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1))
+        lm = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            )
+        )
     lm.save_pretrained(folder)
     return folder
 
@@ -121,14 +130,20 @@ def test_zero_gates_give_exactly_the_plain_lm(tmp_path, family, resampler):
     torch.manual_seed(0)
     model = spread_weights(_family_model(tmp_path, family, resampler_latents=resampler)).eval()
     assert model.cfg.tokens_per_image == 1 and model.cfg.image_feature_tokens == (resampler or 16)
-    ids, mask = left_pad([[5, 6, model.cfg.image_token_id, 7, 8, 9], [model.cfg.image_token_id, 10, model.cfg.image_token_id, 11]], 0, "cpu")
+    ids, mask = left_pad(
+        [[5, 6, model.cfg.image_token_id, 7, 8, 9], [model.cfg.image_token_id, 10, model.cfg.image_token_id, 11]],
+        0,
+        "cpu",
+    )
     with torch.no_grad():
         out = model(ids, attention_mask=mask, position_ids=positions(mask), pixel_values=torch.randn(3, 3, 32, 32))
         ref = plain_lm(model)(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     assert torch.equal(out.logits, ref)
     # Opening the gates makes the images count (so the equality above was not vacuous).
     with torch.no_grad():
-        opened = open_gates(model)(ids, attention_mask=mask, position_ids=positions(mask), pixel_values=torch.randn(3, 3, 32, 32))
+        opened = open_gates(model)(
+            ids, attention_mask=mask, position_ids=positions(mask), pixel_values=torch.randn(3, 3, 32, 32)
+        )
     assert not torch.allclose(opened.logits, ref, atol=1e-3)
 
 
@@ -224,7 +239,10 @@ def test_mixture_weights_are_a_distribution_over_earlier_images():
         # Zero query weights (the initial state): a uniform mix of the two branches' distributions.
         mixture.fusion.to_q.weight.zero_()
         out = mixture(ids, pixel_values=pixels)
-        branches = [mixture(prompt_ids(mixture, [5, "IMG", 6, 7, 8]), pixel_values=pixels[:1]), mixture(prompt_ids(mixture, [5, 6, "IMG", 7, 8]), pixel_values=pixels[1:])]
+        branches = [
+            mixture(prompt_ids(mixture, [5, "IMG", 6, 7, 8]), pixel_values=pixels[:1]),
+            mixture(prompt_ids(mixture, [5, 6, "IMG", 7, 8]), pixel_values=pixels[1:]),
+        ]
     assert out.mixture_weights[0, -1].tolist() == [0.5, 0.5]
     expected = (0.5 * branches[0].logits[0, -1].softmax(-1) + 0.5 * branches[1].logits[0, -1].softmax(-1)).log()
     torch.testing.assert_close(out.logits[0, -1], expected, rtol=1e-4, atol=1e-4)
@@ -255,7 +273,9 @@ def test_cached_decoding_equals_uncached_and_batched_equals_single(key):
     uncached = backend.generate(CONVS, params, use_cache=False)
     single = [backend.generate([c], params)[0] for c in CONVS]
     assert [r.token_ids for r in cached] == [r.token_ids for r in uncached] == [r.token_ids for r in single]
-    assert all(r.token_ids for r in cached) and len({t for r in cached for t in r.token_ids}) > 4  # not a constant stream
+    assert (
+        all(r.token_ids for r in cached) and len({t for r in cached for t in r.token_ids}) > 4
+    )  # not a constant stream
     # The images are read: other images give other replies.
     recolored = [conv([image("black")] * (len(c[-1]["content"]) - 1), c[-1]["content"][-1]["text"]) for c in CONVS]
     assert [r.token_ids for r in backend.generate(recolored, params)] != [r.token_ids for r in cached]
@@ -309,7 +329,18 @@ def test_ask_and_describe_work_on_a_saved_cross_attention_model(tmp_path):
     im = Image.new("RGB", (30, 30), "red")
     assert isinstance(assistant.ask(im, "What color is the circle?"), str)
     assert len(assistant.describe([im, im])) == 2
-    two = assistant.generate([{"role": "user", "content": [{"type": "image", "image": im}, {"type": "image", "image": im}, {"type": "text", "text": "Which?"}]}])
+    two = assistant.generate(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": im},
+                    {"type": "image", "image": im},
+                    {"type": "text", "text": "Which?"},
+                ],
+            }
+        ]
+    )
     assert isinstance(two, str)
 
 
@@ -324,11 +355,16 @@ def pairs_json(shapes_dir, tmp_path_factory):
     for i in range(24):
         a, b = records[i], records[(i + 7) % len(records)]
         n = len(a["scene"]["objects"]) + len(b["scene"]["objects"])
-        out.append({
-            "id": f"pair-{i}",
-            "image": [str(shapes_dir / a["image"]), str(shapes_dir / b["image"])],
-            "conversations": [{"from": "human", "value": "<image>\n<image>\nHow many shapes are there in both images?"}, {"from": "gpt", "value": str(n)}],
-        })
+        out.append(
+            {
+                "id": f"pair-{i}",
+                "image": [str(shapes_dir / a["image"]), str(shapes_dir / b["image"])],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<image>\nHow many shapes are there in both images?"},
+                    {"from": "gpt", "value": str(n)},
+                ],
+            }
+        )
     path = tmp_path_factory.mktemp("pairs") / "pairs.json"
     path.write_text(json.dumps(out))
     return path
@@ -338,10 +374,29 @@ def pairs_json(shapes_dir, tmp_path_factory):
 def test_each_strategy_trains_through_the_trainer(key, pairs_json, tmp_path):
     fusion, extra = STRATEGIES[key]
     model_cfg = dict(
-        vision_type="resnet", vision_hidden_size=32, vision_layers=2, image_size=32, lm_hidden_size=48, lm_layers=2,
-        lm_heads=2, lm_kv_heads=2, lm_max_position=256, tokenizer_vocab_size=400, fusion=fusion, **extra,
+        vision_type="resnet",
+        vision_hidden_size=32,
+        vision_layers=2,
+        image_size=32,
+        lm_hidden_size=48,
+        lm_layers=2,
+        lm_heads=2,
+        lm_kv_heads=2,
+        lm_max_position=256,
+        tokenizer_vocab_size=400,
+        fusion=fusion,
+        **extra,
     )
-    train = {"train_data": str(pairs_json), "output_dir": str(tmp_path / "run"), "batch_size": 8, "max_steps": 6, "log_every": 2, "vision_lr": 3e-3, "connector_lr": 3e-3, "lm_lr": 3e-3}
+    train = {
+        "train_data": str(pairs_json),
+        "output_dir": str(tmp_path / "run"),
+        "batch_size": 8,
+        "max_steps": 6,
+        "log_every": 2,
+        "vision_lr": 3e-3,
+        "connector_lr": 3e-3,
+        "lm_lr": 3e-3,
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": model_cfg, "train": train}))
     summary = Trainer(load_recipe(tmp_path / "r.yaml")).train()
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

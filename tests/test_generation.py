@@ -91,7 +91,9 @@ def test_eos_stops_generation(tiny_model):
     backend = OwnVLMBackend(tiny_model)
     eos = tiny_model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
-        bias_hook = tiny_model.lm.lm_head.register_forward_hook(lambda m, i, o: o + torch.nn.functional.one_hot(torch.tensor(eos), o.shape[-1]) * 1e4)
+        bias_hook = tiny_model.lm.lm_head.register_forward_hook(
+            lambda m, i, o: o + torch.nn.functional.one_hot(torch.tensor(eos), o.shape[-1]) * 1e4
+        )
     try:
         res = backend.generate(CONVS[:2], SamplingParams(max_new_tokens=10))
     finally:

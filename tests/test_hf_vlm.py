@@ -31,14 +31,27 @@ def noise_image(w: int, h: int, seed: int) -> Image.Image:
 def two_conversations():
     """A batch of two conversations of different lengths, images in both (one image, then two)."""
     return [
-        [{"role": "user", "content": [{"type": "image", "image": noise_image(40, 30, 1)},
-                                      {"type": "text", "text": "What is in this image?"}]}],
-        [{"role": "system", "content": "You are terse."},
-         {"role": "user", "content": [
-             {"type": "text", "text": "Compare "},
-             {"type": "image", "image": noise_image(64, 64, 2)},
-             {"type": "image_url", "image_url": {"url": noise_image(20, 50, 3)}},
-             {"type": "text", "text": " and say which one is brighter. Describe it briefly."}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": noise_image(40, 30, 1)},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
+        [
+            {"role": "system", "content": "You are terse."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare "},
+                    {"type": "image", "image": noise_image(64, 64, 2)},
+                    {"type": "image_url", "image_url": {"url": noise_image(20, 50, 3)}},
+                    {"type": "text", "text": " and say which one is brighter. Describe it briefly."},
+                ],
+            },
+        ],
     ]
 
 
@@ -77,6 +90,7 @@ def reference_ids(backend: HFVLMBackend, convs, n: int, **gen_kwargs) -> tuple[l
 
 # ---------------------------------------------------------------------------------------- equivalence
 
+
 @contextmanager
 def eos_off(backend: HFVLMBackend):
     """Neither our loop nor transformers' generate stops at EOS: every row runs to max_new_tokens."""
@@ -111,9 +125,15 @@ def test_greedy_matches_transformers_generate(backends, arch):
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "idefics3"])
 def test_text_only_and_mixed_batches(backends, arch):
     backend = backends(arch)
-    mixed = [[{"role": "user", "content": "Say hello to the world, please."}],
-             [{"role": "user", "content": [{"type": "image", "image": noise_image(33, 47, 5)},
-                                           {"type": "text", "text": "What?"}]}]]
+    mixed = [
+        [{"role": "user", "content": "Say hello to the world, please."}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": noise_image(33, 47, 5)}, {"type": "text", "text": "What?"}],
+            }
+        ],
+    ]
     text_only = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "a photo of a cat"}]]
     for convs in (mixed, text_only):
         results = backend.generate(convs, SamplingParams(max_new_tokens=8))
@@ -142,12 +162,13 @@ def test_eos_finishes_each_row_on_its_own(backends, arch):
     for res, row in zip(results, ref):
         assert res.token_ids == row[: len(res.token_ids)]
         if res.finish_reason == "stop":  # generate pads after EOS
-            assert all(t == backend.pad_id for t in row[len(res.token_ids):])
+            assert all(t == backend.pad_id for t in row[len(res.token_ids) :])
     # The EOS token is counted but not shown.
     assert results[0].text == backend.tokenizer.decode(results[0].token_ids[:-1], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------- sampling
+
 
 def test_seeded_sampling_is_reproducible(backends):
     backend = backends("qwen2_vl")
@@ -164,10 +185,11 @@ def test_seeded_sampling_is_reproducible(backends):
 
 # ---------------------------------------------------------------------------------------- stop strings, stream
 
+
 def _ascii_stop(text: str) -> str:
     """A two-letter piece of `text` a few characters in, to use as a stop string."""
     for i in range(3, len(text) - 1):
-        piece = text[i:i + 2]
+        piece = text[i : i + 2]
         if piece.isascii() and piece.isalpha():
             return piece
     pytest.skip("greedy text has no ascii letters to stop at")
@@ -229,6 +251,7 @@ def test_images_go_through_load_image(backends, tmp_path):
 
 # ---------------------------------------------------------------------------------------- loading
 
+
 def test_name_and_folder_detection(folders, backends, tmp_path):
     folder = folders("qwen2_vl")
     assert backends("qwen2_vl").name == str(folder)
@@ -270,9 +293,11 @@ def test_missing_hub_model_is_one_line(tmp_path):
     with pytest.raises(ModelNotFoundError) as info:
         HFVLMBackend.from_pretrained("visprompt-test/no-such-model", cache_dir=tmp_path)
     message = str(info.value)
-    assert message == ("model 'visprompt-test/no-such-model' is not in the local cache and the hub cannot be "
-                       "reached; run `visprompt pull visprompt-test/no-such-model` on a connected machine, "
-                       "or pass a local folder")
+    assert message == (
+        "model 'visprompt-test/no-such-model' is not in the local cache and the hub cannot be "
+        "reached; run `visprompt pull visprompt-test/no-such-model` on a connected machine, "
+        "or pass a local folder"
+    )
     assert info.value.__suppress_context__ and info.value.__cause__ is None  # no chained traceback
 
 

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TEXTS, spread_weights, tiny_config
+
 from visprompt.engine.prompting import encode_chat, encode_training_example
 from visprompt.errors import ConfigError, ModelNotFoundError
 from visprompt.models.config import VLMConfig
@@ -119,26 +118,52 @@ def test_hf_vision_encoder_and_lm_from_local_folders(tmp_path):
     from visprompt.models.tokenizer import train_tokenizer
 
     clip_dir, resnet_dir, lm_dir = tmp_path / "clip", tmp_path / "resnet", tmp_path / "lm"
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(clip_dir)
-    ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic")).save_pretrained(resnet_dir)
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(clip_dir)
+    ResNetModel(
+        ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic")
+    ).save_pretrained(resnet_dir)
     tok = train_tokenizer(TEXTS, vocab_size=300)
     tok.save_pretrained(lm_dir)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).save_pretrained(lm_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(lm_dir)
 
     clip_vlm = VisionLanguageModel.build(VLMConfig(vision_source=str(clip_dir), lm_source=str(lm_dir), image_size=32))
     assert clip_vlm.cfg.tokens_per_image == 16  # 4x4 patches, CLS dropped
     assert clip_vlm.cfg.image_mean[0] == pytest.approx(0.48145466)  # CLIP's own normalisation
-    resnet_vlm = VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64))
+    resnet_vlm = VisionLanguageModel.build(
+        VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64)
+    )
     assert resnet_vlm.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, resnet_vlm.cfg.tokens_per_image, 32)
     # A CNN's middle stage by vision_feature_layer (transformers' hidden_states: 1 = first stage).
-    stage1 = VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64, vision_feature_layer=1))
+    stage1 = VisionLanguageModel.build(
+        VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64, vision_feature_layer=1)
+    )
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         want = stage1.vision.model(pixel_values=x, output_hidden_states=True).hidden_states[1]  # [1, 16, 16, 16]
         assert stage1.vision.hidden_size == 16 and stage1.cfg.vision_num_patches == 16 * 16
         assert torch.equal(stage1.vision(x), want.flatten(2).transpose(1, 2))
     with pytest.raises(ConfigError, match="vision_feature_layer 9 is out of range"):  # one line, exit 2 in the CLI
-        VisionLanguageModel.build(VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64, vision_feature_layer=9))
+        VisionLanguageModel.build(
+            VLMConfig(vision_source=str(resnet_dir), lm_source=str(lm_dir), image_size=64, vision_feature_layer=9)
+        )
     # Saved and reloaded without the source folders.
     clip_vlm.save_pretrained(tmp_path / "vlm")
     for d in (clip_dir, lm_dir):

@@ -12,10 +12,10 @@ import torch
 from conftest import IMAGE_CONVS
 from conftest import image_conv as conv
 
+from visprompt.engine import fast_decode
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
 from visprompt.engine.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, token_keys
-from visprompt.engine import fast_decode
 from visprompt.engine.fast_decode import FastLM, unsupported_reason
 from visprompt.engine.generation import generate_ids
 
@@ -52,8 +52,16 @@ def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, **kw)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **kw,
+    )
     lm = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in lm.parameters():
@@ -66,8 +74,15 @@ def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=1, max_position_embeddings=128)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
     lm = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in lm.parameters():
@@ -88,7 +103,9 @@ def tiny_llama_hd12():  # a head_dim the kernel's 8-wide vectors do not divide
 @pytest.mark.parametrize("make_lm", [tiny_llama, tiny_qwen2, tiny_llama_hd64, tiny_llama_hd12])
 def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, monkeypatch):
     lm = make_lm()
-    dec = FastLM(lm, max_batch=3, initial_len=4, packed=packed, kernels=kernels)  # tiny start: the KV buffer must grow (rows and length)
+    dec = FastLM(
+        lm, max_batch=3, initial_len=4, packed=packed, kernels=kernels
+    )  # tiny start: the KV buffer must grow (rows and length)
     if kernels is None and shutil.which("c++"):
         assert dec.kernel is not None, dec.kernel_reason  # where a compiler exists, the kernel must build
     emb = lm.get_input_embeddings()
@@ -117,7 +134,9 @@ def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, mon
     sl = dec.new_sequence()
     torch.testing.assert_close(dec.prefill(sl, emb(long)[0, :40]), ref_long[39], rtol=1e-4, atol=1e-4)
     for k in range(40, 45):
-        torch.testing.assert_close(dec.decode([sl, sb, sa], [long[0, k], b[0, 11], a[0, 18]])[0], ref_long[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            dec.decode([sl, sb, sa], [long[0, k], b[0, 11], a[0, 18]])[0], ref_long[k], rtol=1e-4, atol=1e-4
+        )
     dec.free(sl)
     dec.truncate(sb, 11)
     dec.truncate(sa, 18)
@@ -214,8 +233,10 @@ def test_per_request_sampling_does_not_depend_on_the_batch(backend):
     backend.prefix_cache.clear()
     sched = backend.scheduler
     reqs = backend.encode_requests(CONVS[:3])
-    hs = [sched.submit(p, SamplingParams(max_new_tokens=10) if i != 1 else sampled, image_embeds=e, image_keys=k)
-          for i, (p, e, k) in enumerate(reqs)]
+    hs = [
+        sched.submit(p, SamplingParams(max_new_tokens=10) if i != 1 else sampled, image_embeds=e, image_keys=k)
+        for i, (p, e, k) in enumerate(reqs)
+    ]
     sched.run()
     assert hs[1].result().token_ids == alone.token_ids
     same([hs[0].result(), hs[2].result()], reference(backend, [CONVS[0], CONVS[2]], SamplingParams(max_new_tokens=10)))
@@ -286,7 +307,9 @@ def test_a_burst_about_one_image_is_admitted_together(backend, monkeypatch):
     sched = backend.scheduler
     calls = []
     real = sched.decoder.prefill_many
-    monkeypatch.setattr(sched.decoder, "prefill_many", lambda seqs, embeds: calls.append(len(seqs)) or real(seqs, embeds))
+    monkeypatch.setattr(
+        sched.decoder, "prefill_many", lambda seqs, embeds: calls.append(len(seqs)) or real(seqs, embeds)
+    )
     reqs = backend.encode_requests(convs)
     handles = [sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in reqs[:2]]
     bad = sched.submit(reqs[1][0], params)  # image placeholders but no image features: embed raises
@@ -348,7 +371,9 @@ def test_image_feature_cache_skips_the_encoder_and_is_exact(tiny_model):
     try:
         _, first = backend.encode_prompts(CONVS[:1])
         photo = CONVS[0][0]["content"][0]["image"]
-        again = [{"role": "user", "content": [{"type": "image", "image": photo.copy()}, {"type": "text", "text": "Other?"}]}]
+        again = [
+            {"role": "user", "content": [{"type": "image", "image": photo.copy()}, {"type": "text", "text": "Other?"}]}
+        ]
         _, second = backend.encode_prompts([again])
     finally:
         hook.remove()
@@ -383,7 +408,9 @@ def test_a_file_seen_before_is_not_decoded_again(tiny_model, tmp_path, monkeypat
     photo.rotate(90).save(path)  # new bytes at the same path
     _, rotated = backend.encode_prompts([ask("What is it?")])
     assert len(decoded) == 2
-    torch.testing.assert_close(rotated, OwnVLMBackend(tiny_model).encode_prompts([ask("What is it?")])[1], rtol=0, atol=0)
+    torch.testing.assert_close(
+        rotated, OwnVLMBackend(tiny_model).encode_prompts([ask("What is it?")])[1], rtol=0, atol=0
+    )
     with torch.no_grad():
         tiny_model.connector.net[1].weight.mul_(2.0)
     _, after = backend.encode_prompts([ask("What is it?")])
@@ -401,14 +428,18 @@ def test_a_batch_about_one_photo_decodes_and_encodes_it_once(tiny_model, tmp_pat
     real_load = own.load_image
     monkeypatch.setattr(own, "load_image", lambda src, **kw: decoded.append(1) or real_load(src, **kw))
     real_encode = tiny_model.encode_images
-    monkeypatch.setattr(tiny_model, "encode_images", lambda pixels: encoded.append(pixels.shape[0]) or real_encode(pixels))
+    monkeypatch.setattr(
+        tiny_model, "encode_images", lambda pixels: encoded.append(pixels.shape[0]) or real_encode(pixels)
+    )
 
     def ask(question, image):
         return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
     backend = OwnVLMBackend(tiny_model, image_cache_bytes=0)  # no cache: the sharing is within the batch
     other = photo.rotate(90)
-    _, embeds = backend.encode_prompts([ask("What?", str(path)), ask("Where?", path.read_bytes()), ask("Which?", other), ask("Why?", str(path))])
+    _, embeds = backend.encode_prompts(
+        [ask("What?", str(path)), ask("Where?", path.read_bytes()), ask("Which?", other), ask("Why?", str(path))]
+    )
     assert len(decoded) == 2 and encoded == [2]  # the file once (+ the PIL image); two distinct images encoded
     want = OwnVLMBackend(tiny_model).encode_prompts([ask("What?", photo), ask("Which?", other)])[1]
     torch.testing.assert_close(embeds, want[[0, 0, 1, 0]], rtol=0, atol=0)
@@ -436,14 +467,20 @@ def test_prefix_cache_follow_up_equals_uncached(tiny_model):
     sched = cached.scheduler
     got = []
     for c in (follow, same_image_new_question, other_image_same_question):
-        (p, e, k), = cached.encode_requests([c])
+        ((p, e, k),) = cached.encode_requests([c])
         h = sched.submit(p, params, image_embeds=e, image_keys=k)
         got.append((h.result(), h.cached_prompt_tokens, len(p)))
     same([g[0] for g in got], uncached.generate([follow, same_image_new_question, other_image_same_question], params))
     (res_f, hit_f, len_f), (res_q, hit_q, len_q), (res_o, hit_o, _) = got
     assert hit_f >= first.prompt_tokens  # the first turn came from the cache
-    image_end = max(i for i, t in enumerate(cached.encode_requests([same_image_new_question])[0][0])
-                    if t == tiny_model.cfg.image_token_id) + 1
+    image_end = (
+        max(
+            i
+            for i, t in enumerate(cached.encode_requests([same_image_new_question])[0][0])
+            if t == tiny_model.cfg.image_token_id
+        )
+        + 1
+    )
     assert image_end <= hit_q < len_q  # the image tokens were reused, the new question was run
     assert hit_o < image_end - tiny_model.cfg.tokens_per_image + 1  # another image: nothing past its start
     assert cached.prefix_cache.stats()["hits"] >= 2
@@ -453,7 +490,7 @@ def test_a_finished_reply_is_cached_for_the_next_turn(backend):
     """Token level: the next turn's prompt starts with the first prompt and its reply; everything
     but the reply's last token (sampled, never fed to the model) comes from the cache."""
     params = SamplingParams(max_new_tokens=9)
-    (prompt, embeds, keys), = backend.encode_requests([CONVS[0]])
+    ((prompt, embeds, keys),) = backend.encode_requests([CONVS[0]])
     sched = backend.scheduler
     first = sched.submit(prompt, params, image_embeds=embeds, image_keys=keys).result()
     assert first.finish_reason == "length"
@@ -495,7 +532,9 @@ def test_llama_cpp_f32_export_matches_transformers(tmp_path):
     from visprompt.engine.quantized import LlamaCppLM, write_gguf
 
     lm = tiny_llama()
-    dec = LlamaCppLM(write_gguf(lm, tmp_path / "lm-f32.gguf", "f32"), max_batch=2, ctx_per_seq=64, n_threads=1, kv_f32=True)
+    dec = LlamaCppLM(
+        write_gguf(lm, tmp_path / "lm-f32.gguf", "f32"), max_batch=2, ctx_per_seq=64, n_threads=1, kv_f32=True
+    )
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         ref = lm(ids).logits[0]
@@ -521,7 +560,9 @@ def test_quantized_backend_passes_its_gate_and_batches(tmp_path, monkeypatch):
     monkeypatch.setenv("VISPROMPT_CACHE", str(tmp_path))
     torch.manual_seed(0)
     # Q8_0 needs widths divisible by 32; a milder spread than the other tests (int8 keeps ~2-3 digits).
-    model = spread_weights(VisionLanguageModel.build(tiny_config(lm_hidden_size=64, lm_heads=2, lm_kv_heads=1), TEXTS), std=0.15).eval()
+    model = spread_weights(
+        VisionLanguageModel.build(tiny_config(lm_hidden_size=64, lm_heads=2, lm_kv_heads=1), TEXTS), std=0.15
+    ).eval()
     q8 = OwnVLMBackend(model, quantize="q8_0")
     params = SamplingParams(max_new_tokens=12)
     got = q8.generate(CONVS, params)
@@ -556,8 +597,10 @@ def test_real_smollm2_fast_path_equals_transformers(real_vlm):
     model, examples = real_vlm
     backend = OwnVLMBackend(model)
     photo = str(examples / "coffee.jpg")
-    convs = [[{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": q}]}]
-             for q in ("What is in this picture?", "Describe the image.")]
+    convs = [
+        [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": q}]}]
+        for q in ("What is in this picture?", "Describe the image.")
+    ]
     convs.append([{"role": "user", "content": "What is the capital of France?"}])
     params = SamplingParams(max_new_tokens=12)
     want = reference(backend, convs, params)

@@ -68,7 +68,9 @@ def test_layout_and_reader(dataset):
 
 def test_multi_turn_image_first_layout_has_the_same_scenes(dataset, tmp_path):
     out, _ = dataset
-    generate_shapes_dataset(tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=0, turns_per_record=0, image_after_question=False)
+    generate_shapes_dataset(
+        tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=0, turns_per_record=0, image_after_question=False
+    )
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         raw = _raw(tmp_path, split)
         assert [r["id"] for r in raw] == [f"{split}-{i:05d}" for i in range(n)]
@@ -81,8 +83,15 @@ def test_multi_turn_image_first_layout_has_the_same_scenes(dataset, tmp_path):
         # Same scenes and the same questions as the default layout, only arranged differently.
         default = _raw(out, split)
         assert [r["scene"] for r in raw] == [r["scene"] for r in default[::4]]
-        flat = [(t["value"].replace("<image>", "").strip(), a["value"]) for r in raw for t, a in zip(r["conversations"][0::2], r["conversations"][1::2])]
-        assert flat == [(r["conversations"][0]["value"].replace("<image>", "").strip(), r["conversations"][1]["value"]) for r in default]
+        flat = [
+            (t["value"].replace("<image>", "").strip(), a["value"])
+            for r in raw
+            for t, a in zip(r["conversations"][0::2], r["conversations"][1::2])
+        ]
+        assert flat == [
+            (r["conversations"][0]["value"].replace("<image>", "").strip(), r["conversations"][1]["value"])
+            for r in default
+        ]
         assert (tmp_path / "images/train/00007.png").read_bytes() == (out / "images/train/00007.png").read_bytes()
 
 
@@ -250,15 +259,11 @@ def test_reader_errors_are_one_line_and_located(images):
     assert "not found" in _error(d / "missing.json")
     assert "not valid JSON" in _error(_write(d / "bad.json", "[{'id': 1}]"))
     assert "not valid JSON" in _error(_write(d / "bad.jsonl", '{"id": 1}\n{oops\n'))
-    assert "record 1" in _error(
-        _write(d / "noconv.json", [{"conversations": _conv("hi", "yo")}, {"id": "x"}])
-    )
+    assert "record 1" in _error(_write(d / "noconv.json", [{"conversations": _conv("hi", "yo")}, {"id": "x"}]))
     msg = _error(_write(d / "order.json", [{"conversations": _conv("hi", "yo")[::-1]}]))
     assert "record 0" in msg and "alternate" in msg
     assert "no gpt answer" in _error(_write(d / "odd.json", [{"conversations": _conv("hi")}]))
-    msg = _error(
-        _write(d / "noimg.json", [{"id": "r", "image": "img/zzz.png", "conversations": _conv("q", "a")}])
-    )
+    msg = _error(_write(d / "noimg.json", [{"id": "r", "image": "img/zzz.png", "conversations": _conv("q", "a")}]))
     assert "image file not found" in msg and "'r'" in msg
     two = [{"image": ["img/a.png", "img/b.png"], "conversations": _conv("<image>\nq", "a")}]
     assert "1 <image> marker(s) but 2 image(s)" in _error(_write(d / "markers.json", two))
@@ -291,13 +296,9 @@ def test_reader_formats(images):
 def test_save_roundtrip(images):
     d = images
     recs = [
-        LlavaRecord(
-            id="a", images=[str(d / "img/a.png")], turns=[("<image>\nq", "x")], extra={"kinds": ["k"]}
-        ),
+        LlavaRecord(id="a", images=[str(d / "img/a.png")], turns=[("<image>\nq", "x")], extra={"kinds": ["k"]}),
         LlavaRecord(id="b", images=[], turns=[("q", "y"), ("q2", "z")], system="sys"),
-        LlavaRecord(
-            id="c", images=[str(d / "img/a.png"), str(d / "img/b.png")], turns=[("<image>\n<image>\nq", "w")]
-        ),
+        LlavaRecord(id="c", images=[str(d / "img/a.png"), str(d / "img/b.png")], turns=[("<image>\n<image>\nq", "w")]),
     ]
     for name in ("out.json", "out.jsonl"):
         save_llava_records(recs, d / name)
@@ -312,6 +313,15 @@ def test_save_roundtrip(images):
 def test_restricted_kinds_never_give_an_empty_record(tmp_path):
     from visprompt.data.llava import load_llava_records
 
-    generate_shapes_dataset(tmp_path, n_train=60, n_test=10, seed=1, kinds=["color", "shape"], max_objects=2, questions_per_image=2, turns_per_record=0)
+    generate_shapes_dataset(
+        tmp_path,
+        n_train=60,
+        n_test=10,
+        seed=1,
+        kinds=["color", "shape"],
+        max_objects=2,
+        questions_per_image=2,
+        turns_per_record=0,
+    )
     records = load_llava_records(tmp_path / "train.json")
     assert len(records) == 60 and all(r.turns for r in records)

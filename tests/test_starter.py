@@ -108,8 +108,10 @@ def test_join_prefix():
 
 
 def test_evidence_text_keeps_only_useful_labels():
-    ev = VisualEvidence([("tabby cat", 0.55), ("Egyptian cat", 0.36), ("lynx", 0.02), ("window screen", 0.001)],
-                        [("brown", 0.6), ("beige", 0.4)])
+    ev = VisualEvidence(
+        [("tabby cat", 0.55), ("Egyptian cat", 0.36), ("lynx", 0.02), ("window screen", 0.001)],
+        [("brown", 0.6), ("beige", 0.4)],
+    )
     text = ev.to_text()
     assert "Most likely: tabby cat (55%)." in text
     assert "Egyptian cat (36%)" in text
@@ -131,8 +133,16 @@ def test_build_chat_states_evidence_and_begins_a_description():
     assert prefix == ""  # a question is answered freely
 
     # Two images: both are stated, numbered, with a two-image worked example.
-    two = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
-                                        {"type": "text", "text": "Describe the images."}]}]
+    two = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "a.png"},
+                {"type": "image", "image": "b.png"},
+                {"type": "text", "text": "Describe the images."},
+            ],
+        }
+    ]
     chat, prefix = build_chat(two, [[sure, unsure]])
     assert prefix == MULTI_PREFIX
     assert [m["role"] for m in chat[1:-1]] == ["user", "assistant"] * 4
@@ -181,8 +191,15 @@ def tiny_backend():
     )
     tok = make_tokenizer(["<|im_start|>"], chat_template=template)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
     lm = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in lm.parameters():
@@ -297,15 +314,16 @@ def test_gguf_cache_round_trip_matches_the_gguf_model(lm_cache):
     assert time.perf_counter() - start < 30  # from safetensors, not a second conversion
     direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file).eval()
 
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         torch.testing.assert_close(cached(**ids).logits, direct(**ids).logits, rtol=0, atol=0)
         out_cached = cached.generate(**ids, max_new_tokens=12, do_sample=False)
         out_direct = direct.generate(**ids, max_new_tokens=12, do_sample=False)
     assert out_cached.tolist() == out_direct.tolist()
-    assert "Paris" in tok.decode(out_cached[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out_cached[0, ids["input_ids"].shape[1] :])
 
 
 @pytest.mark.slow

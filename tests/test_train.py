@@ -15,8 +15,16 @@ from visprompt.train.config import load_recipe
 from visprompt.train.trainer import Trainer, warmup_cosine
 
 TINY_MODEL = dict(
-    vision_type="resnet", vision_hidden_size=32, vision_layers=2, image_size=32,
-    lm_hidden_size=48, lm_layers=2, lm_heads=2, lm_kv_heads=2, lm_max_position=256, tokenizer_vocab_size=400,
+    vision_type="resnet",
+    vision_hidden_size=32,
+    vision_layers=2,
+    image_size=32,
+    lm_hidden_size=48,
+    lm_layers=2,
+    lm_heads=2,
+    lm_kv_heads=2,
+    lm_max_position=256,
+    tokenizer_vocab_size=400,
 )
 
 
@@ -24,9 +32,17 @@ def write_recipe(tmp_path, data_dir, **train):
     recipe = {
         "model": TINY_MODEL,
         "train": {
-            "train_data": str(data_dir / "train.json"), "eval_data": str(data_dir / "test.json"),
-            "output_dir": str(tmp_path / "run"), "batch_size": 8, "max_steps": 6, "log_every": 2,
-            "vision_lr": 3e-3, "connector_lr": 3e-3, "lm_lr": 3e-3, "eval_max_records": 4, **train,
+            "train_data": str(data_dir / "train.json"),
+            "eval_data": str(data_dir / "test.json"),
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 8,
+            "max_steps": 6,
+            "log_every": 2,
+            "vision_lr": 3e-3,
+            "connector_lr": 3e-3,
+            "lm_lr": 3e-3,
+            "eval_max_records": 4,
+            **train,
         },
     }
     path = tmp_path / "recipe.yaml"
@@ -90,10 +106,14 @@ def test_zero_learning_rate_freezes_a_part(tmp_path, shapes_dir):
     from visprompt.data.llava import load_llava_records
     from visprompt.train.dataset import record_texts
 
-    initial = VisionLanguageModel.build(load_recipe(path).model, record_texts(load_llava_records(recipe.train.train_data)))
+    initial = VisionLanguageModel.build(
+        load_recipe(path).model, record_texts(load_llava_records(recipe.train.train_data))
+    )
     for (n, a), (_, b) in zip(initial.vision.state_dict().items(), trained.vision.state_dict().items()):
         assert torch.equal(a, b), n  # weights and BatchNorm statistics: a frozen part stays in eval mode
-    assert not torch.equal(initial.connector.state_dict()["net.1.weight"], trained.connector.state_dict()["net.1.weight"])
+    assert not torch.equal(
+        initial.connector.state_dict()["net.1.weight"], trained.connector.state_dict()["net.1.weight"]
+    )
 
 
 def test_all_parts_frozen_is_a_config_error(tmp_path, shapes_dir):
@@ -108,15 +128,38 @@ def test_trainer_reads_any_llava_dataset(tmp_path):
     for i, c in enumerate(["red", "navy", "teal"]):
         Image.new("RGB", (50 + 10 * i, 40), c).save(tmp_path / "img" / f"{i}.jpg")
     records = [
-        {"id": "a", "image": "img/0.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is the main colour?"}, {"from": "gpt", "value": "Red, mostly."}]},
-        {"id": "b", "image": ["img/1.jpg", "img/2.jpg"], "conversations": [
-            {"from": "system", "value": "Answer in one word."},
-            {"from": "human", "value": "<image>\n<image>\nWhich is darker, first or second?"}, {"from": "gpt", "value": "first"},
-            {"from": "human", "value": "Are they the same colour?"}, {"from": "gpt", "value": "no"}]},
+        {
+            "id": "a",
+            "image": "img/0.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is the main colour?"},
+                {"from": "gpt", "value": "Red, mostly."},
+            ],
+        },
+        {
+            "id": "b",
+            "image": ["img/1.jpg", "img/2.jpg"],
+            "conversations": [
+                {"from": "system", "value": "Answer in one word."},
+                {"from": "human", "value": "<image>\n<image>\nWhich is darker, first or second?"},
+                {"from": "gpt", "value": "first"},
+                {"from": "human", "value": "Are they the same colour?"},
+                {"from": "gpt", "value": "no"},
+            ],
+        },
         {"id": "c", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]},
     ]
     (tmp_path / "d.json").write_text(json.dumps(records))
-    recipe = {"model": TINY_MODEL, "train": {"train_data": str(tmp_path / "d.json"), "eval_data": str(tmp_path / "d.json"), "output_dir": str(tmp_path / "run"), "batch_size": 2, "max_steps": 2}}
+    recipe = {
+        "model": TINY_MODEL,
+        "train": {
+            "train_data": str(tmp_path / "d.json"),
+            "eval_data": str(tmp_path / "d.json"),
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 2,
+            "max_steps": 2,
+        },
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     summary = Trainer(load_recipe(tmp_path / "r.yaml")).train()
     assert summary["steps"] == 2 and summary["eval_total"] == 4
@@ -203,7 +246,11 @@ def test_lora_trains_only_adapters_in_the_lm_and_saves_merged_weights(tmp_path, 
     with torch.no_grad():
         assert torch.allclose(model.lm(input_ids=ids).logits, loaded.lm(input_ids=ids).logits, atol=1e-5)
     with pytest.raises(ConfigError):
-        Trainer(load_recipe(path, ["model.lm_lora_rank=4", "model.lm_lora_targets=nope_proj", "output_dir=" + str(tmp_path / "r2")])).train()
+        Trainer(
+            load_recipe(
+                path, ["model.lm_lora_rank=4", "model.lm_lora_targets=nope_proj", "output_dir=" + str(tmp_path / "r2")]
+            )
+        ).train()
 
 
 def test_stored_features_of_a_frozen_encoder_give_the_same_loss(shapes_dir):
@@ -265,7 +312,12 @@ def test_vqa_report_names_the_question_wherever_the_image_sits():
 
     records = [
         LlavaRecord("a", ["x.png"], [("What color is the circle?\n<image>", "red")], extra={"kinds": ["color"]}),
-        LlavaRecord("b", ["y.png"], [("<image>\nIs there a square?", "yes"), ("Is it red?", "no")], extra={"kinds": ["exist", "color"]}),
+        LlavaRecord(
+            "b",
+            ["y.png"],
+            [("<image>\nIs there a square?", "yes"), ("Is it red?", "no")],
+            extra={"kinds": ["exist", "color"]},
+        ),
     ]
     report = evaluate_vqa(AlwaysNo(), records)
     assert report.total == 3 and report.by_kind == {"color": 0.5, "exist": 0.0}

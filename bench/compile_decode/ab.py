@@ -8,6 +8,7 @@ Variants alternate with the current path in one process (median ms/token over 64
 anything else with index_copy_ on a view; matvec `bmm` (FastLM's column blocks), `baddbmm` (the same,
 left to MKL by inductor) or `mm`. First runs include compiling. Results went into docs/runtime.md.
 """
+
 import os
 import sys
 
@@ -37,19 +38,27 @@ lm, tok = load()
 emb = lm.get_input_embeddings()
 dec = FastLM(lm, max_batch=1)
 
+
 def gen_with(decode1):
     """Greedy generation with `decode1(seq, token) -> logits [1, V]` as the decode step; returns the
     tokens, the median ms per decode step and the logits of every step."""
+
     def g(ids, n):
         s = dec.new_sequence()
         with torch.inference_mode():
-            lg = dec.prefill(s, emb(ids)); t = [int(lg.argmax())]; logits = [lg]
+            lg = dec.prefill(s, emb(ids))
+            t = [int(lg.argmax())]
+            logits = [lg]
             st = []
             for _ in range(n - 1):
                 t0 = time.perf_counter()
-                lg = decode1(s, t[-1])[0]; logits.append(lg); t.append(int(lg.argmax()))
+                lg = decode1(s, t[-1])[0]
+                logits.append(lg)
+                t.append(int(lg.argmax()))
                 st.append(time.perf_counter() - t0)
-        dec.free(s); return t, statistics.median(st) * 1e3, logits
+        dec.free(s)
+        return t, statistics.median(st) * 1e3, logits
+
     return g
 
 
@@ -57,7 +66,8 @@ gen_base = gen_with(lambda s, token: dec.decode([s], [token]))
 
 import torch._inductor.config as icfg
 
-if args.cpp_wrapper: icfg.cpp_wrapper = True
+if args.cpp_wrapper:
+    icfg.cpp_wrapper = True
 fns = {"base": gen_base}
 for v in args.variants.split(","):
     if v == "eager_step":
@@ -70,7 +80,11 @@ for v in args.variants.split(","):
             add_tt(dec)
         if mvk == "baddbmm":
             add_zb(dec)
-        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, shp == "static", kvmode, mvk), dynamic=(shp == "dyn"), fullgraph=True)).decode1)
+        fns[v] = gen_with(
+            StepRunner(
+                dec, torch.compile(make_step(dec, shp == "static", kvmode, mvk), dynamic=(shp == "dyn"), fullgraph=True)
+            ).decode1
+        )
     elif v.startswith("e_"):  # eager variants
         _, kvmode, mvk = v.split("_")
         if mvk == "mm":
@@ -81,7 +95,11 @@ for v in args.variants.split(","):
     elif v == "compiled_static":
         fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, True), fullgraph=True)).decode1)
     elif v == "compiled_dyn_maxat":
-        fns[v] = gen_with(StepRunner(dec, torch.compile(make_step(dec, False), dynamic=True, mode="max-autotune-no-cudagraphs")).decode1)
+        fns[v] = gen_with(
+            StepRunner(
+                dec, torch.compile(make_step(dec, False), dynamic=True, mode="max-autotune-no-cudagraphs")
+            ).decode1
+        )
 
 ids_list = [prompt_ids(tok, i) for i in range(args.prompts)]
 ref = {}
@@ -110,4 +128,7 @@ if args.hf:
             t0 = time.perf_counter()
             out = lm.generate(ids, max_new_tokens=args.n, do_sample=False, min_new_tokens=args.n)
             dt = time.perf_counter() - t0
-            print(f"hf generate: {dt/args.n*1e3:.1f} ms/tok (incl prefill); tokens equal base {out[0, ids.shape[1]:].tolist() == ref[0][0]}", flush=True)
+            print(
+                f"hf generate: {dt / args.n * 1e3:.1f} ms/tok (incl prefill); tokens equal base {out[0, ids.shape[1] :].tolist() == ref[0][0]}",
+                flush=True,
+            )

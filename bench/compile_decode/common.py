@@ -9,9 +9,13 @@ def load():
     lm, tok = load_gguf_causal_lm(folder, f)
     return lm.eval(), tok
 
-PROMPTS = ["Write a short story about a robot who learns to paint. " * 6,
-           "Explain how photosynthesis works in plants, step by step, for a student. " * 5,
-           "List some facts about the moon and the tides and the oceans of the world. " * 5]
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint. " * 6,
+    "Explain how photosynthesis works in plants, step by step, for a student. " * 5,
+    "List some facts about the moon and the tides and the oceans of the world. " * 5,
+]
+
 
 def prompt_ids(tok, i=0, n=86):
     ids = tok(PROMPTS[i], return_tensors="pt").input_ids[0][:n]

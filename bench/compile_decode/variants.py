@@ -1,11 +1,12 @@
 """Variants of FastLM's batch-1 decode step."""
+
 import torch
 import torch.nn.functional as F
 
 from visprompt.engine.fast_decode import FastLM
 
 
-def make_step(dec: FastLM, static_len: bool, kvmode: str = 'base', mv: str = 'bmm'):
+def make_step(dec: FastLM, static_len: bool, kvmode: str = "base", mv: str = "bmm"):
     """A batch-1 decode step as one function of (token [1] long, pos 0-d long, kv buffer, top int)."""
     layers = dec.layers
     H, KV, HD = dec.n_heads, dec.n_kv, dec.head_dim
@@ -15,7 +16,7 @@ def make_step(dec: FastLM, static_len: bool, kvmode: str = 'base', mv: str = 'bm
     norm_w = dec.norm_w
 
     def proj(pr, x):
-        if mv == 'mm':
+        if mv == "mm":
             y = torch.mm(x, TT[id(pr)])
             if pr.bias is not None:
                 y = y + pr.bias
@@ -23,7 +24,7 @@ def make_step(dec: FastLM, static_len: bool, kvmode: str = 'base', mv: str = 'bm
         if pr.splits == 1:
             y = torch.mm(x, pr.t[0])
             return y if pr.bias is None else y + pr.bias
-        if mv == 'baddbmm':
+        if mv == "baddbmm":
             y = torch.baddbmm(ZB[id(pr)], x.expand(pr.splits, 1, x.shape[1]), pr.t).view(1, -1)
             return y if y.shape[1] == pr.out else y[:, : pr.out]
         y = torch.bmm(x.expand(pr.splits, 1, x.shape[1]), pr.t).view(1, -1)
@@ -51,15 +52,21 @@ def make_step(dec: FastLM, static_len: bool, kvmode: str = 'base', mv: str = 'bm
             v = y[:, nq + nkv :].view(1, KV, HD)
             q = rope(q, cos, sin)
             k = rope(k, cos, sin)
-            if kvmode == 'base':
-                torch.ops.aten.index_put_(kv, [torch.full((2,), li), torch.arange(2), torch.zeros(2, dtype=torch.long), pos.view(1).expand(2)], torch.stack([k[0], v[0]]))
+            if kvmode == "base":
+                torch.ops.aten.index_put_(
+                    kv,
+                    [torch.full((2,), li), torch.arange(2), torch.zeros(2, dtype=torch.long), pos.view(1).expand(2)],
+                    torch.stack([k[0], v[0]]),
+                )
             else:
                 kv[li, 0, 0].index_copy_(0, pos.view(1), k)
                 kv[li, 1, 0].index_copy_(0, pos.view(1), v)
             if static_len:
                 keys = kv[li, 0, :1].transpose(1, 2)
                 vals = kv[li, 1, :1].transpose(1, 2)
-                att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                att = F.scaled_dot_product_attention(
+                    q.unsqueeze(2), keys, vals, attn_mask=mask, scale=scale, enable_gqa=gqa
+                )
             else:
                 keys = kv[li, 0, :1, :top].transpose(1, 2)
                 vals = kv[li, 1, :1, :top].transpose(1, 2)
@@ -98,12 +105,14 @@ class StepRunner:
 TT = {}
 ZB = {}
 
+
 def add_zb(dec):
     for p in [*[q for L in dec.layers for q in (L.qkv, L.o, L.gate_up, L.down)], dec.head]:
         z = torch.zeros(p.t.shape[0], 1, p.t.shape[2])
         if p.bias is not None:
             z.view(-1)[: p.out] = p.bias
         ZB[id(p)] = z
+
 
 def add_tt(dec):
     """A plain [in, out] contiguous copy of every projection (for the mm variant)."""

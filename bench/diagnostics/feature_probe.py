@@ -56,7 +56,9 @@ def scenes(split: str, n: int) -> list[tuple[str, dict]]:
 def cell_labels(scene: dict) -> torch.Tensor:
     label = torch.zeros(9, dtype=torch.long)  # 0: empty cell
     for o in scene["objects"]:
-        label[o["row"] * 3 + o["col"]] = 1 + colors.index(o["color"]) * 8 + SHAPES.index(o["shape"]) * 2 + (o["size"] == "large")
+        label[o["row"] * 3 + o["col"]] = (
+            1 + colors.index(o["color"]) * 8 + SHAPES.index(o["shape"]) * 2 + (o["size"] == "large")
+        )
     return label
 
 
@@ -69,7 +71,12 @@ def features(items: list[tuple[str, dict]]) -> tuple[dict[int, torch.Tensor], to
             fmap = encoder.feature_map(pixels, k)  # [B, C, h, w]
             b, c, h, _ = fmap.shape
             r = h // 3  # map cells per scene cell along each side
-            out[k].append(fmap[:, :, : 3 * r, : 3 * r].reshape(b, c, 3, r, 3, r).permute(0, 2, 4, 1, 3, 5).reshape(b, 9, c * r * r))
+            out[k].append(
+                fmap[:, :, : 3 * r, : 3 * r]
+                .reshape(b, c, 3, r, 3, r)
+                .permute(0, 2, 4, 1, 3, 5)
+                .reshape(b, 9, c * r * r)
+            )
     return {k: torch.cat(v) for k, v in out.items()}, torch.stack([cell_labels(s) for _, s in items])
 
 

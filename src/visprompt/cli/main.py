@@ -9,20 +9,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from ..errors import VispromptError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Give a language model eyes.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Give a language model eyes."
+)
 data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
 app.add_typer(data_app, name="data")
 
 ModelOpt = typer.Option("starter", "--model", "-m", help="A model folder, a hub id, or 'starter'.")
 
 
-def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> dict:
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None) -> dict:
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
 
 
@@ -42,7 +43,7 @@ def describe(
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
-    seed: Optional[int] = typer.Option(None),
+    seed: int | None = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Describe an image."""
@@ -62,7 +63,7 @@ def ask(
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
-    seed: Optional[int] = typer.Option(None),
+    seed: int | None = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Answer a question about an image."""
@@ -76,8 +77,8 @@ def ask(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Recipe YAML (model: and train: sections)."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting: key=value (repeatable)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (train.output_dir)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting: key=value (repeatable)."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Output folder (train.output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -104,7 +105,7 @@ def evaluate(
     model: str = typer.Option(..., "--model", "-m"),
     data: Path = typer.Option(..., "--data", help="LLaVA JSON split with reference answers."),
     max_records: int = typer.Option(0, "--max-records", help="0: all."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write the report JSON here."),
+    output: Path | None = typer.Option(None, "--output", help="Write the report JSON here."),
 ):
     """Score a model's answers on a LLaVA-format split (normalised exact match)."""
     import visprompt
@@ -137,16 +138,27 @@ def data_shapes(
     test: int = typer.Option(200, "--test", help="Held-out scenes."),
     seed: int = typer.Option(0, "--seed"),
     questions: int = typer.Option(4, "--questions", help="Questions per image."),
-    turns_per_record: int = typer.Option(1, "--turns-per-record", help="Questions per record (0: all of an image's in one multi-turn record)."),
-    image_first: bool = typer.Option(False, "--image-first", help="Put the image before the question (LLaVA's usual layout); the default puts it after."),
+    turns_per_record: int = typer.Option(
+        1, "--turns-per-record", help="Questions per record (0: all of an image's in one multi-turn record)."
+    ),
+    image_first: bool = typer.Option(
+        False,
+        "--image-first",
+        help="Put the image before the question (LLaVA's usual layout); the default puts it after.",
+    ),
 ):
     """Draw synthetic scenes of 1-4 shapes with captions and questions (LLaVA JSON): train.json,
     test.json, and align.json (the one-object training scenes, for a first training stage)."""
     from ..data.shapes import generate_shapes_dataset
 
     summary = generate_shapes_dataset(
-        output_dir, n_train=train, n_test=test, seed=seed, questions_per_image=questions,
-        turns_per_record=turns_per_record, image_after_question=not image_first,
+        output_dir,
+        n_train=train,
+        n_test=test,
+        seed=seed,
+        questions_per_image=questions,
+        turns_per_record=turns_per_record,
+        image_after_question=not image_first,
     )
     print(json.dumps(summary), file=sys.stderr)
     print(output_dir)
@@ -178,7 +190,7 @@ def _quiet_libraries() -> None:
         pass
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: VispromptError -> one line on stderr and exit 2; other exceptions -> exit 1."""
     _quiet_libraries()
     try:

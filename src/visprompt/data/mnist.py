@@ -57,14 +57,16 @@ def generate_mnist_dataset(out_dir: str | os.PathLike, n_test: int = 1000, seed:
         for k, i in enumerate(idx):
             rel = f"images/{split}/{k:05d}.png"
             Image.fromarray(images[i], mode="L").save(out / rel)
-            records.append({
-                "id": f"mnist-{split}-{k:05d}",
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
-                    {"from": "gpt", "value": str(labels[i])},
-                ],
-            })
+            records.append(
+                {
+                    "id": f"mnist-{split}-{k:05d}",
+                    "image": rel,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
+                        {"from": "gpt", "value": str(labels[i])},
+                    ],
+                }
+            )
         (out / f"{split}.json").write_text(json.dumps(records) + "\n")
         summary[split] = len(records)
     return summary

@@ -184,9 +184,7 @@ def render_scene(scene: Scene, rng: random.Random, image_size: int = 128) -> tup
         cy0, cy1 = round(obj.row * cell), round((obj.row + 1) * cell)
         x0 = rng.randint(cx0 + margin, max(cx0 + margin, cx1 - margin - side))
         y0 = rng.randint(cy0 + margin, max(cy0 + margin, cy1 - margin - side))
-        rgb = tuple(
-            min(255, max(0, c + rng.randint(-_COLOR_JITTER, _COLOR_JITTER))) for c in COLORS[obj.color]
-        )
+        rgb = tuple(min(255, max(0, c + rng.randint(-_COLOR_JITTER, _COLOR_JITTER))) for c in COLORS[obj.color])
         _draw_shape(draw, obj.shape, x0 * ss, y0 * ss, (x0 + side) * ss - 1, (y0 + side) * ss - 1, rgb)
         meta_objects.append(
             {
@@ -408,19 +406,30 @@ def generate_shapes_dataset(
         rng = random.Random(f"visprompt-shapes:{seed}:{split}")
         forbidden = train_signatures if split == "test" else None
         records, signatures = _generate_split(
-            out, split, n, rng, image_size, questions_per_image, kinds, max_objects, forbidden,
-            turns_per_record, image_after_question,
+            out,
+            split,
+            n,
+            rng,
+            image_size,
+            questions_per_image,
+            kinds,
+            max_objects,
+            forbidden,
+            turns_per_record,
+            image_after_question,
         )
         if split == "train":
             train_signatures = signatures
             align = [r for r in records if len(r["scene"]["objects"]) == 1]
             (out / "align.json").write_text(json_list_text(align), encoding="utf-8")
-            summary["align"] = {"images": len({r["image"] for r in align}), "records": len(align), "json": str(out / "align.json")}
+            summary["align"] = {
+                "images": len({r["image"] for r in align}),
+                "records": len(align),
+                "json": str(out / "align.json"),
+            }
         (out / f"{split}.json").write_text(json_list_text(records), encoding="utf-8")
         kind_counts = Counter(k for r in records for k in r["kinds"])
-        answers = Counter(
-            turn["value"] for r in records for turn in r["conversations"] if turn["from"] == "gpt"
-        )
+        answers = Counter(turn["value"] for r in records for turn in r["conversations"] if turn["from"] == "gpt")
         summary[split] = {
             "images": len({r["image"] for r in records}),
             "records": len(records),
@@ -464,7 +473,9 @@ def _generate_split(
             if qas:
                 break
         else:
-            raise DatasetError(f"could not find {n} {split} scenes distinct from the training scenes with a question to ask")
+            raise DatasetError(
+                f"could not find {n} {split} scenes distinct from the training scenes with a question to ask"
+            )
         signatures.add(sig)
         image, scene_meta = render_scene(scene, rng, image_size)
         name = f"{i:0{width}d}.png"
@@ -493,9 +504,7 @@ def _generate_split(
 def scene_from_record(record: dict | Any) -> Scene:
     """Rebuild the `Scene` stored in a generated record (a dict, or a `LlavaRecord` via `.extra`)."""
     meta = record["scene"] if isinstance(record, dict) else record.extra["scene"]
-    return Scene(
-        tuple(ShapeObject(o["shape"], o["color"], o["size"], o["row"], o["col"]) for o in meta["objects"])
-    )
+    return Scene(tuple(ShapeObject(o["shape"], o["color"], o["size"], o["row"], o["col"]) for o in meta["objects"]))
 
 
 def answer_question(scene: Scene, kind: str, question: str) -> str | None:
@@ -547,9 +556,7 @@ def _answer_from_fields(scene: Scene, key: str, f: dict[str, str]) -> str | None
         return caption(scene)
     if key in ("color", "shape", "position"):
         obj = _find(scene, f["ref"])
-        return (
-            None if obj is None else {"color": obj.color, "shape": obj.shape, "position": obj.position}[key]
-        )
+        return None if obj is None else {"color": obj.color, "shape": obj.shape, "position": obj.position}[key]
     if key == "count_all":
         return str(len(objs))
     if key == "count_shape":

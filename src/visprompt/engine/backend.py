@@ -13,8 +13,9 @@ OpenAI form `{"type": "image_url", "image_url": {"url": SRC}}`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import VispromptError
 
@@ -49,7 +50,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def updated(self, **overrides: Any) -> "SamplingParams":
+    def updated(self, **overrides: Any) -> SamplingParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 

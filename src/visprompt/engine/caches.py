@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -87,7 +88,13 @@ class ByteLRU:
             return [(k, v) for k, (v, _) in self._items.items()]
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
+        return {
+            "entries": len(self._items),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
 
 class ImageFeatureCache(ByteLRU):
@@ -167,7 +174,11 @@ class PrefixKVCache:
     def covers(self, keys: tuple) -> bool:
         """True when a stored entry starts with `keys` (storing them would add nothing)."""
         n = len(keys)
-        return n < self.min_tokens or self.lru.max_bytes <= 0 or any(len(k) >= n and k[:n] == keys for k, _ in self.lru.items())
+        return (
+            n < self.min_tokens
+            or self.lru.max_bytes <= 0
+            or any(len(k) >= n and k[:n] == keys for k, _ in self.lru.items())
+        )
 
     def store(self, keys: tuple, kv: torch.Tensor) -> bool:
         """Remember the KV [layers, 2, len(keys), kv_heads, head_dim] of `keys` (kv is not copied:

@@ -40,7 +40,9 @@ def _build():
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob(f"{name}*.so")):
-            print("visprompt: compiling the decoder's C++ kernel for this CPU (once, ~30 s)", file=sys.stderr, flush=True)
+            print(
+                "visprompt: compiling the decoder's C++ kernel for this CPU (once, ~30 s)", file=sys.stderr, flush=True
+            )
     except Exception:  # only the notice depends on it
         pass
     try:
@@ -69,7 +71,9 @@ def load():
             _module, _reason = _build()
             _tried = True
             if _module is None and "VISPROMPT_KERNELS" not in (_reason or ""):
-                warnings.warn(f"visprompt: decoding without the C++ layer kernel ({_reason}); same tokens, slower", stacklevel=2)
+                warnings.warn(
+                    f"visprompt: decoding without the C++ layer kernel ({_reason}); same tokens, slower", stacklevel=2
+                )
     return _module
 
 

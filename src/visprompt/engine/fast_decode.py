@@ -80,11 +80,17 @@ def _kernel_reason(lm: nn.Module) -> str | None:
     cfg = lm.config
     for i, layer in enumerate(lm.model.layers):
         att, mlp = layer.self_attn, layer.mlp
-        for name, lin in (("o_proj", att.o_proj), ("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj)):
+        for name, lin in (
+            ("o_proj", att.o_proj),
+            ("gate_proj", mlp.gate_proj),
+            ("up_proj", mlp.up_proj),
+            ("down_proj", mlp.down_proj),
+        ):
             if lin.bias is not None:
                 return f"layer {i} {name} has a bias"
         tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight] + [
-            lin.weight for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            lin.weight
+            for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         ]
         for t in tensors:
             if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
@@ -136,7 +142,9 @@ class _Proj:
         with torch.no_grad():
             w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
             if any(lin.bias is not None for lin in linears):
-                self.bias = torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.weight.shape[0]) for lin in linears])
+                self.bias = torch.cat(
+                    [lin.bias if lin.bias is not None else torch.zeros(lin.weight.shape[0]) for lin in linears]
+                )
             if gemv:
                 # [splits, in, out/splits]: one bmm runs the column blocks on `splits` threads (MKL's
                 # mat-vec alone uses one core; two blocks read 1.25-1.45x faster on 2 cores).
@@ -188,10 +196,21 @@ class _Layer:
         biases = [lin.bias for lin in (att.q_proj, att.k_proj, att.v_proj)]
         bias = None
         if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else torch.zeros(lin.weight.shape[0]) for b, lin in zip(biases, (att.q_proj, att.k_proj, att.v_proj))])
+            bias = torch.cat(
+                [
+                    b.detach() if b is not None else torch.zeros(lin.weight.shape[0])
+                    for b, lin in zip(biases, (att.q_proj, att.k_proj, att.v_proj))
+                ]
+            )
         self.kernel_args = (
-            self.ln1.detach(), self.ln2.detach(), [att.q_proj.weight.detach(), att.k_proj.weight.detach(), att.v_proj.weight.detach()], bias,
-            att.o_proj.weight.detach(), mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach(),
+            self.ln1.detach(),
+            self.ln2.detach(),
+            [att.q_proj.weight.detach(), att.k_proj.weight.detach(), att.v_proj.weight.detach()],
+            bias,
+            att.o_proj.weight.detach(),
+            mlp.gate_proj.weight.detach(),
+            mlp.up_proj.weight.detach(),
+            mlp.down_proj.weight.detach(),
         )
         self.panels: list[torch.Tensor] = []  # the kernel's several-row layout, filled by FastLM when packed
         self.qkv = _Proj([att.q_proj, att.k_proj, att.v_proj], gemv, onednn)
@@ -202,7 +221,13 @@ class _Layer:
     def pack_panels(self, kernel) -> None:
         (q, k, v), wo, wg, wu, wd = self.kernel_args[2], *self.kernel_args[4:]
         with torch.no_grad():
-            self.panels = [kernel.pack_panels(torch.cat([q, k, v])), kernel.pack_panels(wo), kernel.pack_panels(wg), kernel.pack_panels(wu), kernel.pack_panels(wd)]
+            self.panels = [
+                kernel.pack_panels(torch.cat([q, k, v])),
+                kernel.pack_panels(wo),
+                kernel.pack_panels(wg),
+                kernel.pack_panels(wu),
+                kernel.pack_panels(wd),
+            ]
 
 
 def _packed_bytes(lm: nn.Module) -> int:
@@ -308,7 +333,9 @@ class FastLM:
             new_rows = min(max(rows, 2 * new_rows), self.max_batch)
         if length > new_len:
             new_len = min(max(length, 2 * new_len), self.max_len)
-        kv = torch.zeros(len(self.layers), 2, new_rows, new_len, self.n_kv, self.head_dim, dtype=self.dtype, device=self.device)
+        kv = torch.zeros(
+            len(self.layers), 2, new_rows, new_len, self.n_kv, self.head_dim, dtype=self.dtype, device=self.device
+        )
         if self.n_active:
             kv[:, :, : self.n_active, : self._len_cap] = self.kv[:, :, : self.n_active]
         self.kv = kv
@@ -421,8 +448,15 @@ class FastLM:
         if _has_hooks(self.lm_head):  # hooks on lm_head still see every call
             return self.lm_head(self._rms(hidden, self.norm_w))
         w = self.lm_head.weight
-        if self.kernel is not None and (hidden.shape[0] <= HEAD_KERNEL_ROWS or self.head.d is None) and w.dtype == torch.float32 and w.is_contiguous():
-            return self.kernel.head_forward(hidden.contiguous(), self.norm_w.detach(), w.detach(), self.eps, self.head_panels)
+        if (
+            self.kernel is not None
+            and (hidden.shape[0] <= HEAD_KERNEL_ROWS or self.head.d is None)
+            and w.dtype == torch.float32
+            and w.is_contiguous()
+        ):
+            return self.kernel.head_forward(
+                hidden.contiguous(), self.norm_w.detach(), w.detach(), self.eps, self.head_panels
+            )
         return self.head(self._rms(hidden, self.norm_w))
 
     def _run_kernel(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, last_from: int) -> None:
@@ -431,14 +465,34 @@ class FastLM:
         last = len(self.layers) - 1
         for li, p in enumerate(self.layers):
             self.kernel.layer_forward(
-                x, *p.kernel_args, self.kv, li, rows, pos, self._cos, self._sin, self.eps, self.scale, self.n_heads, self.n_kv,
-                last_from if li == last else 0, p.panels,
+                x,
+                *p.kernel_args,
+                self.kv,
+                li,
+                rows,
+                pos,
+                self._cos,
+                self._sin,
+                self.eps,
+                self.scale,
+                self.n_heads,
+                self.n_kv,
+                last_from if li == last else 0,
+                p.panels,
             )
 
     def extra_bytes(self) -> int:
         """Memory of the packed weight copies."""
-        n = sum(p.qkv.extra_bytes() + p.o.extra_bytes() + p.gate_up.extra_bytes() + p.down.extra_bytes() for p in self.layers) + self.head.extra_bytes()
-        panels = [t for p in self.layers for t in p.panels] + ([self.head_panels] if self.head_panels is not None else [])
+        n = (
+            sum(
+                p.qkv.extra_bytes() + p.o.extra_bytes() + p.gate_up.extra_bytes() + p.down.extra_bytes()
+                for p in self.layers
+            )
+            + self.head.extra_bytes()
+        )
+        panels = [t for p in self.layers for t in p.panels] + (
+            [self.head_panels] if self.head_panels is not None else []
+        )
         return n + sum(t.numel() * t.element_size() for t in panels)
 
     # -- prefill --------------------------------------------------------------------------------
@@ -480,7 +534,13 @@ class FastLM:
                 # above, so the last layer's attention output, o_proj and MLP run for one row.
                 q, x, mask, causal = q[-1:], x[-1:], None, False  # the last query sees every key
             att = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), keys, vals, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.group > 1
+                q.transpose(0, 1).unsqueeze(0),
+                keys,
+                vals,
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=self.group > 1,
             )  # [1, H, T, hd]
             x = x + p.o(att[0].transpose(0, 1).reshape(x.shape[0], -1))
             x = x + self._mlp(self._rms(x, p.ln2), p)
@@ -515,7 +575,9 @@ class FastLM:
             self._reserve(self.n_active, start + t)
             rows.append(torch.full((t,), row, dtype=torch.long))
             pos.append(torch.arange(start, start + t))
-        x = torch.cat([e.reshape(e.shape[0], -1) for e in embeds]).to(self.dtype).contiguous()  # a new tensor: written in place
+        x = (
+            torch.cat([e.reshape(e.shape[0], -1) for e in embeds]).to(self.dtype).contiguous()
+        )  # a new tensor: written in place
         self._run_kernel(x, torch.cat(rows), torch.cat(pos), 0)
         for seq, p in zip(seqs, pos):
             self.lengths[self._row_of[seq]] = int(p[-1]) + 1
@@ -570,7 +632,9 @@ class FastLM:
                 kv[li, 1, :b].view(-1, self.n_kv, self.head_dim).index_copy_(0, flat_idx, v)
             keys = kv[li, 0, :b, :top].transpose(1, 2)  # [B, kv, top, hd]
             vals = kv[li, 1, :b, :top].transpose(1, 2)
-            att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=mask, scale=self.scale, enable_gqa=self.group > 1)
+            att = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys, vals, attn_mask=mask, scale=self.scale, enable_gqa=self.group > 1
+            )
             x = x + p.o(att.reshape(b, -1))  # att: [B, H, 1, hd]
             x = x + self._mlp(self._rms(x, p.ln2), p)
         self.lengths[:b] += 1

@@ -59,7 +59,14 @@ def generate_ids(
     texts = [""] * batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    out = model(ids, attention_mask=mask, image_embeds=image_embeds, position_ids=positions(mask), use_cache=use_cache, logits_to_keep=1)
+    out = model(
+        ids,
+        attention_mask=mask,
+        image_embeds=image_embeds,
+        position_ids=positions(mask),
+        use_cache=use_cache,
+        logits_to_keep=1,
+    )
     cache = out.past_key_values
     all_ids = ids
     for step in range(params.max_new_tokens):
@@ -82,11 +89,15 @@ def generate_ids(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows' columns are never read
         if use_cache:
             pos = positions(mask)[:, -1:]
-            out = model(next_tok.unsqueeze(1), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(
+                next_tok.unsqueeze(1), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            )
             cache = out.past_key_values
         else:
             all_ids = torch.cat([all_ids, next_tok.unsqueeze(1)], dim=1)
-            out = model(all_ids, attention_mask=mask, image_embeds=image_embeds, position_ids=positions(mask), logits_to_keep=1)
+            out = model(
+                all_ids, attention_mask=mask, image_embeds=image_embeds, position_ids=positions(mask), logits_to_keep=1
+            )
 
     results = []
     for i in range(batch):

@@ -26,7 +26,9 @@ def render_content(message: dict[str, Any], image_token: str) -> tuple[str, list
     return text.rstrip("\n") if text.endswith(image_token + "\n") else text, images
 
 
-def to_chat(conversation: Conversation, image_token: str, default_system: str = "") -> tuple[list[dict[str, str]], list[Any]]:
+def to_chat(
+    conversation: Conversation, image_token: str, default_system: str = ""
+) -> tuple[list[dict[str, str]], list[Any]]:
     """Messages with string content (for a text chat template) and the images in prompt order.
 
     `default_system` (the model's own, as trained) is used when the conversation brings none.

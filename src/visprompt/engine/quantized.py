@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import warnings
 import importlib.util
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -109,8 +109,12 @@ def write_gguf(lm: nn.Module, path: str | os.PathLike, quant: str = "q8_0", name
     Q = gguf.GGMLQuantizationType
     mat_type = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f32": Q.F32}[quant]
     emb_type = Q.F32 if quant == "f32" else Q.Q8_0  # token embeddings (and tied output) stay 8-bit
-    file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "f32": gguf.LlamaFileType.ALL_F32}[quant]
+    file_type = {
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "f32": gguf.LlamaFileType.ALL_F32,
+    }[quant]
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +206,17 @@ class LlamaCppLM:
 
     supports_kv_export = False
 
-    def __init__(self, gguf_path: str | os.PathLike, max_batch: int = 16, ctx_per_seq: int = 1024, n_threads: int | None = None, verbose: bool = False, kv_f32: bool = False, flash_attn: bool = False, kv_unified: bool = False):
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike,
+        max_batch: int = 16,
+        ctx_per_seq: int = 1024,
+        n_threads: int | None = None,
+        verbose: bool = False,
+        kv_f32: bool = False,
+        flash_attn: bool = False,
+        kv_unified: bool = False,
+    ):
         L = _llama_cpp()
         self._L = L
         if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
@@ -359,14 +373,24 @@ def greedy_tokens(decoder, embeds: torch.Tensor, n: int, embed_tokens=None) -> l
         decoder.free(seq)
 
 
-def agreement(reference, candidate, prompts: Sequence[torch.Tensor], n_tokens: int = 32, reference_tokens: Sequence[Sequence[int]] | None = None) -> Agreement:
+def agreement(
+    reference,
+    candidate,
+    prompts: Sequence[torch.Tensor],
+    n_tokens: int = 32,
+    reference_tokens: Sequence[Sequence[int]] | None = None,
+) -> Agreement:
     """Compare greedy decoding of `candidate` with `reference` (both decoders, both idle) on
     prompts given as input embeddings [T, D]. `reference_tokens` (the reference's greedy tokens per
     prompt, from `greedy_tokens`) saves decoding them again."""
     match = total = same = 0
     first_div = []
     for i, embeds in enumerate(prompts):
-        ref = list(reference_tokens[i])[:n_tokens] if reference_tokens is not None else greedy_tokens(reference, embeds, n_tokens)
+        ref = (
+            list(reference_tokens[i])[:n_tokens]
+            if reference_tokens is not None
+            else greedy_tokens(reference, embeds, n_tokens)
+        )
         seq = candidate.new_sequence()
         try:
             logits = candidate.prefill(seq, embeds)

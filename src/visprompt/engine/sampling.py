@@ -16,7 +16,9 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return gen
 
 
-def choose_next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose_next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Pick one token per row. logits: [B, V] -> [B] (int64).
 
     Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) filtering,

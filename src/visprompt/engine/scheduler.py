@@ -32,8 +32,9 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ class _Request:
 class RequestHandle:
     """One submitted request: iterate for streamed text, `result()` for the whole answer."""
 
-    def __init__(self, scheduler: "Scheduler", req: _Request):
+    def __init__(self, scheduler: Scheduler, req: _Request):
         self._scheduler = scheduler
         self._req = req
         self._queue: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
@@ -202,7 +203,9 @@ class Scheduler:
         if not prompt:
             raise VispromptError("empty prompt")
         if len(prompt) >= self.decoder.max_len:
-            raise VispromptError(f"prompt of {len(prompt)} tokens does not fit the model's context of {self.decoder.max_len}")
+            raise VispromptError(
+                f"prompt of {len(prompt)} tokens does not fit the model's context of {self.decoder.max_len}"
+            )
         req = _Request(
             id=next(self._ids),
             prompt=list(prompt),
@@ -456,7 +459,9 @@ class Scheduler:
         req.emitted += delta
         return delta
 
-    def _finish(self, req: _Request, handle: RequestHandle, reason: str, text: str | None = None, token_id: int | None = None) -> None:
+    def _finish(
+        self, req: _Request, handle: RequestHandle, reason: str, text: str | None = None, token_id: int | None = None
+    ) -> None:
         if req.finish_reason is not None and req.result is not None:
             return
         req.finish_reason = reason
@@ -492,7 +497,9 @@ class Scheduler:
         try:
             if self.prefix_cache is not None and not req.cancelled and (req.image_embeds is None or req.image_keys):
                 n = dec.length(seq)  # prompt + the reply tokens already fed
-                keys = token_keys(req.prompt, self.image_token_id, req.image_keys) + tuple(req.tokens[: n - len(req.prompt)])
+                keys = token_keys(req.prompt, self.image_token_id, req.image_keys) + tuple(
+                    req.tokens[: n - len(req.prompt)]
+                )
                 if not self.prefix_cache.covers(keys[:n]):
                     self.prefix_cache.store(keys[:n], dec.export_kv(seq, n))
         finally:

@@ -23,7 +23,12 @@ class VQAReport:
     examples: list[dict[str, Any]] = field(default_factory=list)  # first few mistakes, for the log
 
     def to_dict(self) -> dict[str, Any]:
-        return {"exact_match": self.exact_match, "total": self.total, "by_kind": self.by_kind, "mistakes": self.examples}
+        return {
+            "exact_match": self.exact_match,
+            "total": self.total,
+            "by_kind": self.by_kind,
+            "mistakes": self.examples,
+        }
 
 
 def record_turn_conversations(record: LlavaRecord, image_marker: str = "<image>") -> list[tuple[list[dict], str]]:
@@ -47,7 +52,9 @@ def record_turn_conversations(record: LlavaRecord, image_marker: str = "<image>"
     return out
 
 
-def evaluate_vqa(backend: Backend, records: list[LlavaRecord], batch_size: int = 32, max_new_tokens: int = 48, keep_mistakes: int = 5) -> VQAReport:
+def evaluate_vqa(
+    backend: Backend, records: list[LlavaRecord], batch_size: int = 32, max_new_tokens: int = 48, keep_mistakes: int = 5
+) -> VQAReport:
     items = []
     for rec in records:
         kinds = rec.extra.get("kinds") or []

@@ -1,6 +1,14 @@
 """The image input layer: safe loading (`load_image`) and encoder preprocessing (`ImagePreprocessor`)."""
 
-from .loading import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, image_fingerprint, load_image, read_image_bytes, to_rgb
+from .loading import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    image_fingerprint,
+    load_image,
+    read_image_bytes,
+    to_rgb,
+)
 from .preprocess import (
     CLIP_MEAN,
     CLIP_STD,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,9 @@ class VLMConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.connector_input_norm not in CONNECTOR_INPUT_NORMS:
-            raise ConfigError(f"connector_input_norm must be one of {CONNECTOR_INPUT_NORMS}, got {self.connector_input_norm!r}")
+            raise ConfigError(
+                f"connector_input_norm must be one of {CONNECTOR_INPUT_NORMS}, got {self.connector_input_norm!r}"
+            )
         if not self.connector_output_gain > 0:
             raise ConfigError(f"connector_output_gain must be > 0, got {self.connector_output_gain}")
         self.image_mean = tuple(self.image_mean)
@@ -125,7 +127,7 @@ class VLMConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
+    def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -136,7 +138,7 @@ class VLMConfig:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path) -> "VLMConfig":
+    def load(cls, folder: str | Path) -> VLMConfig:
         path = Path(folder, "config.json")
         try:
             data = json.loads(path.read_text())

@@ -51,7 +51,9 @@ def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: int):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, mult * dim, bias=False), nn.GELU(), nn.Linear(mult * dim, dim, bias=False))
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, mult * dim, bias=False), nn.GELU(), nn.Linear(mult * dim, dim, bias=False)
+        )
 
 
 class PerceiverAttention(nn.Module):
@@ -84,7 +86,9 @@ class PerceiverResampler(nn.Module):
     def __init__(self, dim: int, num_latents: int, depth: int, heads: int, ff_mult: int = 4):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
-        self.layers = nn.ModuleList(nn.ModuleList([PerceiverAttention(dim, heads), FeedForward(dim, ff_mult)]) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads), FeedForward(dim, ff_mult)]) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,9 @@ class GatedCrossAttentionBlock(nn.Module):
         k, v = self.to_kv(media.reshape(B, M * L, D)).chunk(2, dim=-1)
         return tuple(t.reshape(B, M * L, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, visible: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, visible: torch.Tensor | None
+    ) -> torch.Tensor:
         # x: [B, T, D]; kv: keys/values [B, h, M*L, dh] (None: no images); visible: [B, T, M] bool
         if kv is not None and visible is not None and visible.shape[-1] > 0:
             B, T, D = x.shape
@@ -173,15 +179,30 @@ class CrossAttentionCache:
 class CrossAttentionFusion(nn.Module):
     """The optional resampler plus one gated block per `every` decoder layers, hooked into the LM."""
 
-    def __init__(self, lm: nn.Module, dim: int, image_tokens: int, every: int, heads: int, ff_mult: int, resampler_latents: int, resampler_depth: int, gate_init: float = 0.0):
+    def __init__(
+        self,
+        lm: nn.Module,
+        dim: int,
+        image_tokens: int,
+        every: int,
+        heads: int,
+        ff_mult: int,
+        resampler_latents: int,
+        resampler_depth: int,
+        gate_init: float = 0.0,
+    ):
         super().__init__()
         layers = find_decoder_layers(lm)
         # OpenFlamingo's placement: in front of layers every-1, 2*every-1, ...
         self.layer_ids = [i for i in range(len(layers)) if (i + 1) % every == 0]
         if not self.layer_ids:
             raise ConfigError(f"xattn_every={every} is larger than the LM's {len(layers)} decoder layers")
-        self.resampler = PerceiverResampler(dim, resampler_latents, resampler_depth, heads, ff_mult) if resampler_latents else None
-        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, heads, image_tokens, ff_mult, gate_init) for _ in self.layer_ids)
+        self.resampler = (
+            PerceiverResampler(dim, resampler_latents, resampler_depth, heads, ff_mult) if resampler_latents else None
+        )
+        self.blocks = nn.ModuleList(
+            GatedCrossAttentionBlock(dim, heads, image_tokens, ff_mult, gate_init) for _ in self.layer_ids
+        )
         self._ctx: tuple[list | None, torch.Tensor | None] | None = None  # set only inside `run`
         for block_idx, layer_idx in enumerate(self.layer_ids):
             layers[layer_idx].register_forward_pre_hook(_BlockHook(self, block_idx), with_kwargs=True)

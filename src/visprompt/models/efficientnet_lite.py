@@ -74,7 +74,9 @@ class EfficientNetLiteEncoder(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError as exc:
-            raise ModelNotFoundError(f"EfficientNet-Lite0 weights missing at {path}: reinstall with {PIP_INSTALL}") from exc
+            raise ModelNotFoundError(
+                f"EfficientNet-Lite0 weights missing at {path}: reinstall with {PIP_INSTALL}"
+            ) from exc
         net.load_state_dict(state, strict=True)
         return cls(net).eval()
 

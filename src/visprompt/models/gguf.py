@@ -159,5 +159,7 @@ def load_gguf_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: st
     try:
         _save_atomically(cache, model, tokenizer, source)
     except OSError as exc:
-        logger.warning("could not write the converted model to %s (%s); it will be converted again next time", cache, exc)
+        logger.warning(
+            "could not write the converted model to %s (%s); it will be converted again next time", cache, exc
+        )
     return model, tokenizer

@@ -24,7 +24,9 @@ def add_lora(lm: nn.Module, rank: int, alpha: float, targets: str) -> int:
     present = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in names if t not in present]
     if not names or missing:
-        raise ConfigError(f"lm_lora_targets {targets!r}: no Linear layers named {missing or names} in the LM (it has {', '.join(sorted(present))})")
+        raise ConfigError(
+            f"lm_lora_targets {targets!r}: no Linear layers named {missing or names} in the LM (it has {', '.join(sorted(present))})"
+        )
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0), lm)
     return sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n)
 

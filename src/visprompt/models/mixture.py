@@ -57,7 +57,12 @@ class MixtureFusion(nn.Module):
     def run(self, model, input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep):
         """Returns (logits, cache, weights [B, K, J] or None)."""
         if cache is not None and not isinstance(cache, MixtureCache):  # decoding a <= 1-image batch
-            return (*model._prefix_forward(input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep), None)
+            return (
+                *model._prefix_forward(
+                    input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep
+                ),
+                None,
+            )
         B, T = input_ids.shape
         dev = input_ids.device
         is_image = input_ids == model.cfg.image_token_id  # [B, T]
@@ -65,7 +70,12 @@ class MixtureFusion(nn.Module):
             N = model.cfg.tokens_per_image
             n_images = is_image.sum(1) // N  # [B]
             if int(n_images.max()) <= 1:
-                return (*model._prefix_forward(input_ids, attention_mask, image_embeds, position_ids, None, use_cache, logits_to_keep), None)
+                return (
+                    *model._prefix_forward(
+                        input_ids, attention_mask, image_embeds, position_ids, None, use_cache, logits_to_keep
+                    ),
+                    None,
+                )
             embeds = model.embed(input_ids, image_embeds)  # [B, T, D], every image in its slots (checks counts)
             J = int(n_images.max())
             j = torch.arange(J, device=dev)
@@ -76,7 +86,9 @@ class MixtureFusion(nn.Module):
             base_pos = position_ids if position_ids is not None else torch.arange(T, device=dev).expand(B, T)
             branch_pos = (base_pos[:, None, :] - removed.cumsum(-1)).clamp(min=0).reshape(B * J, T)
             real = j[None, :] < n_images[:, None]  # [B, J]
-            starts = torch.where(is_image[:, None, :] & (rank[:, None, :] == j[None, :, None]), torch.arange(T, device=dev), T)
+            starts = torch.where(
+                is_image[:, None, :] & (rank[:, None, :] == j[None, :, None]), torch.arange(T, device=dev), T
+            )
             image_start = torch.where(real, starts.min(-1).values, torch.iinfo(torch.long).max)  # [B, J]
             pooled = image_embeds.new_zeros(B, J, image_embeds.shape[-1])
             pooled[real] = image_embeds.mean(1)  # boolean indexing is row-major: prompt order
@@ -92,7 +104,13 @@ class MixtureFusion(nn.Module):
             base_pos = position_ids if position_ids is not None else (start + torch.arange(T, device=dev)).expand(B, T)
             branch_pos = (base_pos.repeat_interleave(J, 0) - cache.removed.reshape(B * J, 1)).clamp(min=0)
             embeds = model.lm.get_input_embeddings()(input_ids)
-            keys, image_start, real, removed_total, lm_cache = cache.keys, cache.image_start, cache.real, cache.removed, cache.lm
+            keys, image_start, real, removed_total, lm_cache = (
+                cache.keys,
+                cache.image_start,
+                cache.real,
+                cache.removed,
+                cache.lm,
+            )
 
         hidden: list[torch.Tensor] = []
         with _capture_input(model.lm.get_output_embeddings(), hidden):
@@ -109,7 +127,9 @@ class MixtureFusion(nn.Module):
         h = hidden[-1].reshape(B, J, K, -1)
         q = self.to_q(h.to(self.to_q.weight.dtype))  # [B, J, K, d]
         bias = self.bias[torch.arange(J, device=dev).clamp(max=self.bias.numel() - 1)]  # [J]
-        scores = (q * keys[:, :, None, :].to(q.dtype)).sum(-1).float() / math.sqrt(q.shape[-1]) + bias[None, :, None]  # [B, J, K]
+        scores = (q * keys[:, :, None, :].to(q.dtype)).sum(-1).float() / math.sqrt(q.shape[-1]) + bias[
+            None, :, None
+        ]  # [B, J, K]
 
         cols = (start + torch.arange(T, device=dev))[-K:]  # the columns whose logits were kept
         visible = image_start[:, :, None] <= cols[None, None, :]  # [B, J, K]
@@ -121,5 +141,7 @@ class MixtureFusion(nn.Module):
         mixed = torch.logsumexp(log_a[..., None] + logp, dim=1)  # [B, K, V]
         new_cache = None
         if use_cache:
-            new_cache = MixtureCache(out.get(model._cache_arg), branch_mask, removed_total, keys, image_start, real, start + T)
+            new_cache = MixtureCache(
+                out.get(model._cache_arg), branch_mask, removed_total, keys, image_start, real, start + T
+            )
         return mixed, new_cache, log_a.exp().transpose(1, 2)

@@ -37,7 +37,17 @@ class _TokenBatchNorm(nn.BatchNorm1d):
 class ModalityProjector(nn.Module):
     """Optional pixel shuffle, then a 2-layer MLP with GELU (LLaVA's `mlp2x_gelu`)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int = 0, pixel_shuffle_factor: int = 1, dropout: float = 0.0, output_scale: float = 1.0, num_patches: int = 0, input_norm: str = "layer"):
+    def __init__(
+        self,
+        vision_dim: int,
+        lm_dim: int,
+        hidden_dim: int = 0,
+        pixel_shuffle_factor: int = 1,
+        dropout: float = 0.0,
+        output_scale: float = 1.0,
+        num_patches: int = 0,
+        input_norm: str = "layer",
+    ):
         super().__init__()
         self.pixel_shuffle_factor = pixel_shuffle_factor
         in_dim = vision_dim * pixel_shuffle_factor**2
@@ -76,6 +86,8 @@ class ModalityProjector(nn.Module):
         tokens = self.out_norm(self.net(pixel_shuffle(patches, self.pixel_shuffle_factor)))  # [B, N', D_lm]
         if self.position is not None:
             if tokens.shape[1] != self.position.shape[0]:
-                raise ConfigError(f"the encoder gave {tokens.shape[1]} tokens, the connector was built for {self.position.shape[0]} (image size changed?)")
+                raise ConfigError(
+                    f"the encoder gave {tokens.shape[1]} tokens, the connector was built for {self.position.shape[0]} (image size changed?)"
+                )
             tokens = tokens + self.position
         return tokens

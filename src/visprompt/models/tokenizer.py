@@ -6,7 +6,7 @@ pad token, and a chat template (the LM's own, or a plain ChatML one).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -20,7 +20,9 @@ CHATML_TEMPLATE = (
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, image_token: str = "<image>") -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, image_token: str = "<image>"
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` (any text round-trips; no unknown tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

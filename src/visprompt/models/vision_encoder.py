@@ -46,7 +46,9 @@ def scratch_vision_config(cfg: VLMConfig):
         from transformers import ViTConfig
 
         if cfg.image_size % cfg.vision_patch_size:
-            raise ConfigError(f"image_size {cfg.image_size} is not a multiple of vision_patch_size {cfg.vision_patch_size}")
+            raise ConfigError(
+                f"image_size {cfg.image_size} is not a multiple of vision_patch_size {cfg.vision_patch_size}"
+            )
         return ViTConfig(
             hidden_size=cfg.vision_hidden_size,
             num_hidden_layers=cfg.vision_layers,
@@ -86,7 +88,7 @@ class VisionEncoder(nn.Module):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: VLMConfig) -> "VisionEncoder":
+    def from_config(cls, cfg: VLMConfig) -> VisionEncoder:
         """Rebuild the architecture saved in cfg.vision_config (weights come from the checkpoint)."""
         if cfg.vision_config is None:
             raise ConfigError("vision_config is missing: this config was never built")
@@ -103,7 +105,7 @@ class VisionEncoder(nn.Module):
         return cls(_model_from_config(config), model_type, cfg.vision_feature_layer, _leading_tokens(config))
 
     @classmethod
-    def build(cls, cfg: VLMConfig) -> "VisionEncoder":
+    def build(cls, cfg: VLMConfig) -> VisionEncoder:
         """Build per cfg.vision_source (scratch / packaged / hub id / folder) and fill cfg's vision fields."""
         src = cfg.vision_source
         if src == "scratch":
@@ -117,14 +119,17 @@ class VisionEncoder(nn.Module):
             net = EfficientNetLiteEncoder.from_packaged()
             enc = cls(net, src, cfg.vision_feature_layer)
             cfg.image_size = cfg.image_size or net.image_size
-            cfg.image_mean, cfg.image_std = cfg.image_mean or tuple(net.image_mean), cfg.image_std or tuple(net.image_std)
+            cfg.image_mean, cfg.image_std = (
+                cfg.image_mean or tuple(net.image_mean),
+                cfg.image_std or tuple(net.image_std),
+            )
         else:
             enc = cls._from_pretrained(src, cfg)
         cfg.vision_config = enc.config_dict()
         return enc
 
     @classmethod
-    def _from_pretrained(cls, ref: str, cfg: VLMConfig) -> "VisionEncoder":
+    def _from_pretrained(cls, ref: str, cfg: VLMConfig) -> VisionEncoder:
         from transformers import AutoConfig, AutoModel
 
         path = resolve_model_path(ref)
@@ -189,7 +194,9 @@ class VisionEncoder(nn.Module):
             return self.model(pixel_values=pixel_values).last_hidden_state
         states = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         if not -len(states) <= self.feature_layer < len(states):
-            raise ConfigError(f"vision_feature_layer {self.feature_layer} is out of range for this {self.model_type} encoder (-{len(states)}..{len(states) - 1})")
+            raise ConfigError(
+                f"vision_feature_layer {self.feature_layer} is out of range for this {self.model_type} encoder (-{len(states)}..{len(states) - 1})"
+            )
         return states[self.feature_layer]
 
 

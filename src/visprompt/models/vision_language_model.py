@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ class VisionLanguageModel(nn.Module):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: VLMConfig, texts: Iterable[str] | None = None) -> "VisionLanguageModel":
+    def build(cls, cfg: VLMConfig, texts: Iterable[str] | None = None) -> VisionLanguageModel:
         """Build every part from its source in cfg. A scratch LM trains its tokenizer on `texts`."""
         tokenizer = None
         if cfg.lm_source == "scratch":
@@ -91,7 +92,16 @@ class VisionLanguageModel(nn.Module):
         text_rms = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         with torch.no_grad():  # one dry run tells how many patch tokens an image becomes
             cfg.vision_num_patches = vision.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
-        connector = ModalityProjector(vision.hidden_size, lm_dim, cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, output_scale=text_rms * cfg.connector_output_gain, num_patches=cfg.vision_num_patches, input_norm=cfg.connector_input_norm)
+        connector = ModalityProjector(
+            vision.hidden_size,
+            lm_dim,
+            cfg.connector_hidden_size,
+            cfg.connector_pixel_shuffle,
+            cfg.connector_dropout,
+            output_scale=text_rms * cfg.connector_output_gain,
+            num_patches=cfg.vision_num_patches,
+            input_norm=cfg.connector_input_norm,
+        )
         n_tokens = connector.output_tokens(cfg.vision_num_patches)
         if cfg.fusion == "cross_attention":
             cfg.tokens_per_image = 1  # one placeholder marks the image's place; the blocks read its features
@@ -101,7 +111,7 @@ class VisionLanguageModel(nn.Module):
         return cls(cfg, vision, connector, lm, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "VisionLanguageModel":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
         from safetensors.torch import load_model
 
         folder = Path(folder)
@@ -111,7 +121,15 @@ class VisionLanguageModel(nn.Module):
         tokenizer = _load_tokenizer(folder)
         with _skip_init():
             vision = VisionEncoder.from_config(cfg)
-            connector = ModalityProjector(vision.hidden_size, cfg.lm_config["hidden_size"], cfg.connector_hidden_size, cfg.connector_pixel_shuffle, cfg.connector_dropout, num_patches=cfg.vision_num_patches, input_norm=cfg.connector_input_norm)
+            connector = ModalityProjector(
+                vision.hidden_size,
+                cfg.lm_config["hidden_size"],
+                cfg.connector_hidden_size,
+                cfg.connector_pixel_shuffle,
+                cfg.connector_dropout,
+                num_patches=cfg.vision_num_patches,
+                input_norm=cfg.connector_input_norm,
+            )
             lm = language_model_from_config(cfg.lm_config)
         model = cls(cfg, vision, connector, lm, tokenizer)
         # safetensors stores a tied tensor once under one of its names: tie first, so loading that
@@ -120,7 +138,9 @@ class VisionLanguageModel(nn.Module):
         missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False, device=str(device))
         tied = {n for n in missing if n.startswith("lm.") and _is_tied(model, n)}
         if unexpected or set(missing) - tied:
-            raise ModelNotFoundError(f"{folder}/{WEIGHTS_NAME} does not match its config.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            raise ModelNotFoundError(
+                f"{folder}/{WEIGHTS_NAME} does not match its config.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
         return model.to(device).eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -225,7 +245,9 @@ class VisionLanguageModel(nn.Module):
             loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         return VLMOutput(logits, loss, cache, weights)
 
-    def _prefix_forward(self, input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep):
+    def _prefix_forward(
+        self, input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep
+    ):
         embeds = self.embed(input_ids, image_embeds)  # [B, T, D]
         out = self.lm(
             inputs_embeds=embeds,
@@ -249,7 +271,17 @@ def _build_fusion(cfg: VLMConfig, lm: nn.Module) -> nn.Module | None:
     heads = cfg.xattn_heads or getattr(lm.config, "num_attention_heads", 0) or getattr(lm.config, "n_head", 0)
     if not heads:
         raise ConfigError("set xattn_heads: the LM's config does not say how many attention heads it has")
-    return CrossAttentionFusion(lm, dim, cfg.image_feature_tokens, cfg.xattn_every, heads, cfg.xattn_ff_mult, cfg.resampler_latents, cfg.resampler_depth, cfg.xattn_gate_init)
+    return CrossAttentionFusion(
+        lm,
+        dim,
+        cfg.image_feature_tokens,
+        cfg.xattn_every,
+        heads,
+        cfg.xattn_ff_mult,
+        cfg.resampler_latents,
+        cfg.resampler_depth,
+        cfg.xattn_gate_init,
+    )
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:

@@ -1,15 +1,16 @@
 """The Python API: one object with the same verbs as the CLI, on any backend.
 
-    model = visprompt.load("runs/shapes-tiny")
-    model.ask("scene.png", "What color is the circle?")
-    model.describe(["a.jpg", "b.jpg"])              # batched over lists
-    model.generate([{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
-                                                 {"type": "text", "text": "Any cats?"}]}], temperature=0.7)
+model = visprompt.load("runs/shapes-tiny")
+model.ask("scene.png", "What color is the circle?")
+model.describe(["a.jpg", "b.jpg"])              # batched over lists
+model.generate([{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                             {"type": "text", "text": "Any cats?"}]}], temperature=0.7)
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..engine.backend import Backend, GenerationResult, SamplingParams, normalize_conversations
 from ..errors import VispromptError
@@ -38,7 +39,7 @@ class Assistant:
         self.defaults = defaults or SamplingParams()
 
     @classmethod
-    def load(cls, ref: str = "starter", device: str = "cpu", **sampling: Any) -> "Assistant":
+    def load(cls, ref: str = "starter", device: str = "cpu", **sampling: Any) -> Assistant:
         from ..engine.loading import load_backend
 
         return cls(load_backend(ref, device=device), SamplingParams().updated(**sampling))

@@ -100,7 +100,13 @@ def _apply(obj: Any, key: str, value: Any, section: str) -> None:
     if key not in names:
         raise ConfigError(f"unknown {section} setting {key!r}")
     current = getattr(obj, key)
-    setattr(obj, key, _coerce(value, current) if current is not None else (yaml.safe_load(value) if isinstance(value, str) else value))
+    setattr(
+        obj,
+        key,
+        _coerce(value, current)
+        if current is not None
+        else (yaml.safe_load(value) if isinstance(value, str) else value),
+    )
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:

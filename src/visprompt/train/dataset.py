@@ -47,7 +47,15 @@ class Example:
 
 
 class VLMDataset(Dataset):
-    def __init__(self, records: list[LlavaRecord], model, max_length: int, preprocess: ImagePreprocessor, augment: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        records: list[LlavaRecord],
+        model,
+        max_length: int,
+        preprocess: ImagePreprocessor,
+        augment: bool = False,
+        seed: int = 0,
+    ):
         self.preprocess = preprocess
         self.augment = augment
         self.rng = random.Random(seed)
@@ -68,7 +76,10 @@ class VLMDataset(Dataset):
             labels = [t if m else IGNORE_INDEX for t, m in zip(full_ids, full_mask)]
             self.examples.append(Example(full_ids, labels, list(rec.images)))
         if skipped:
-            print(f"warning: skipped {skipped} of {len(records)} records longer than max_length={max_length}", file=sys.stderr)
+            print(
+                f"warning: skipped {skipped} of {len(records)} records longer than max_length={max_length}",
+                file=sys.stderr,
+            )
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -85,7 +96,6 @@ class VLMDataset(Dataset):
             images = [augment(im, self.rng) for im in images]
         pixels = self.preprocess(images) if images else None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
-
 
     def image_paths(self) -> list[str]:
         """Every distinct image file of the examples, in first-use order."""
@@ -123,7 +133,12 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor | None]:
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
     pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": torch.cat(pixels) if pixels else None}
+    out = {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }
     if any("vision_features" in b for b in batch):
         feats = [b["vision_features"] for b in batch if b.get("vision_features") is not None]
         out["vision_features"] = torch.cat(feats) if feats else None

@@ -41,7 +41,9 @@ def freeze_parts(model: VisionLanguageModel, lrs: dict[str, float]) -> dict[str,
         for name, p in model.part(part).named_parameters():
             p.requires_grad_(lr > 0 and (part != "lm" or not lora or "lora_" in name))
     if lora and lrs.get("lm", 0) > 0:
-        assert all(("lora_" in n) == p.requires_grad for n, p in model.lm.named_parameters()), "LoRA: only adapters may train in the LM"
+        assert all(("lora_" in n) == p.requires_grad for n, p in model.lm.named_parameters()), (
+            "LoRA: only adapters may train in the LM"
+        )
     counts = model.trainable_parameters()
     for part, lr in lrs.items():
         assert (counts[part] > 0) == (lr > 0), f"part {part}: lr={lr} but {counts[part]} trainable parameters"
@@ -64,7 +66,9 @@ def build_optimizer(model: VisionLanguageModel, lrs: dict[str, float], weight_de
             continue
         params = [p for p in model.part(part).parameters() if p.requires_grad]
         # No decay on norms and biases (1-d), as is standard.
-        groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay, "part": part})
+        groups.append(
+            {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay, "part": part}
+        )
         groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0, "part": part})
     groups = [g for g in groups if g["params"]]
     if not groups:
@@ -86,9 +90,24 @@ class Progress:
         self.total, self.live = total, sys.stderr.isatty()
         self.bar = None
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
-            self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.bar = RichProgress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
@@ -136,7 +155,11 @@ class Trainer:
         if self.tc.init_from:
             return VisionLanguageModel.from_pretrained(self.tc.init_from)
         if self.recipe.stages:  # a tokenizer trained on every stage's text, not only the first's
-            texts = [t for _, tc in self.recipe.stages for t in record_texts(load_llava_records(tc.train_data, check_images=False))]
+            texts = [
+                t
+                for _, tc in self.recipe.stages
+                for t in record_texts(load_llava_records(tc.train_data, check_images=False))
+            ]
         else:
             texts = record_texts(train_records)
         return VisionLanguageModel.build(self.recipe.model, texts=texts)
@@ -213,7 +236,14 @@ class Trainer:
             raise ConfigError("no training examples left (all longer than max_length?)")
         eval_dataset = VLMDataset(eval_records, model, tc.max_length, preprocess) if eval_records else None
         pad_id = model.tokenizer.pad_token_id
-        loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=torch.Generator().manual_seed(tc.seed), drop_last=len(dataset) > tc.batch_size)
+        loader = DataLoader(
+            dataset,
+            batch_size=tc.batch_size,
+            shuffle=True,
+            collate_fn=partial(collate, pad_id=pad_id),
+            generator=torch.Generator().manual_seed(tc.seed),
+            drop_last=len(dataset) > tc.batch_size,
+        )
 
         lrs = {"vision": tc.vision_lr, "connector": tc.connector_lr, "lm": tc.lm_lr}
         counts = freeze_parts(model, lrs)
@@ -255,7 +285,13 @@ class Trainer:
             while step < total:
                 for micro, batch in enumerate(loader):
                     with autocast:
-                        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], vision_features=batch.get("vision_features"), labels=batch["labels"])
+                        out = model(
+                            batch["input_ids"],
+                            attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"],
+                            vision_features=batch.get("vision_features"),
+                            labels=batch["labels"],
+                        )
                     (out.loss / tc.grad_accum).backward()
                     window_loss += out.loss.item()
                     window_n += 1
@@ -276,7 +312,19 @@ class Trainer:
                         loss = window_loss / max(1, window_n)
                         eta = (total - step) * elapsed / max(1, step - start_step)
                         progress.update(step, f"loss {loss:.4f} | {rate:.1f} samples/s | ETA {_eta(eta)}")
-                        log.write(json.dumps({"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"], "samples_per_s": round(rate, 2), "elapsed_s": round(elapsed, 1)}) + "\n")
+                        log.write(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "epoch": epoch,
+                                    "loss": round(loss, 5),
+                                    "lr": optimizer.param_groups[0]["lr"],
+                                    "samples_per_s": round(rate, 2),
+                                    "elapsed_s": round(elapsed, 1),
+                                }
+                            )
+                            + "\n"
+                        )
                         log.flush()
                         window_loss, window_n = 0.0, 0
                     if tc.eval_every and step % tc.eval_every == 0 and step < total and eval_records:
@@ -294,7 +342,14 @@ class Trainer:
         log.close()
         model.eval()
         model.save_pretrained(self.out)
-        summary = {"steps": step, "train_time_s": round(train_time, 1), "examples": len(dataset), "parameters": total_params, "trainable_parameters": trainable, **{f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"}}
+        summary = {
+            "steps": step,
+            "train_time_s": round(train_time, 1),
+            "examples": len(dataset),
+            "parameters": total_params,
+            "trainable_parameters": trainable,
+            **{f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"},
+        }
         (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._write_model_card(summary)
         return summary
@@ -309,11 +364,18 @@ class Trainer:
             one = model.vision.eval()(dataset.preprocess([load_image(paths[0])]))  # [1, N, Dv]
         need = one.numel() * one.element_size() * len(paths)
         if need > tc.cache_vision_features_gb * 2**30:
-            print(f"not storing the frozen encoder's outputs: {need / 2**30:.1f} GiB for {len(paths)} images is over cache_vision_features_gb={tc.cache_vision_features_gb}", file=sys.stderr)
+            print(
+                f"not storing the frozen encoder's outputs: {need / 2**30:.1f} GiB for {len(paths)} images is over cache_vision_features_gb={tc.cache_vision_features_gb}",
+                file=sys.stderr,
+            )
             return
         t0 = time.time()
         kept = dataset.store_vision_features(model.vision, tc.eval_batch_size)
-        print(f"frozen encoder run once over {len(paths)} images: {kept / 2**20:.0f} MiB of features in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"frozen encoder run once over {len(paths)} images: {kept / 2**20:.0f} MiB of features in {time.time() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # -- evaluation and checkpoints ----------------------------------------------------------------
     @torch.no_grad()
@@ -322,9 +384,18 @@ class Trainer:
         t0 = time.time()
         loss_sum, n = 0.0, 0
         if eval_dataset is not None:
-            loader = DataLoader(eval_dataset, batch_size=self.tc.eval_batch_size, collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id))
+            loader = DataLoader(
+                eval_dataset,
+                batch_size=self.tc.eval_batch_size,
+                collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id),
+            )
             for batch in loader:
-                out = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], labels=batch["labels"])
+                out = model(
+                    batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    labels=batch["labels"],
+                )
                 loss_sum += float(out.loss) * batch["input_ids"].shape[0]
                 n += batch["input_ids"].shape[0]
         report = evaluate_vqa(OwnVLMBackend(model), eval_records, batch_size=self.tc.eval_batch_size)
@@ -342,7 +413,9 @@ class Trainer:
     def _save_checkpoint(self, model, optimizer, step: int) -> None:
         folder = self.out / f"checkpoint-{step}"
         model.save_pretrained(folder)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}, folder / STATE_NAME)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}, folder / STATE_NAME
+        )
         ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[: -self.tc.save_total_limit]:
             shutil.rmtree(old)

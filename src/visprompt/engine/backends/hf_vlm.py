@@ -43,6 +43,7 @@ _PROCESSOR_STAND_INS = {"SmolVLMProcessor": "Idefics3Processor"}
 
 # ------------------------------------------------------------------------------------------ resolving
 
+
 def _vlm_mapping() -> tuple[set[str], set[str]]:
     """(model_types, architecture class names) that transformers loads as image-text-to-text."""
     from transformers.models.auto.modeling_auto import (
@@ -76,18 +77,28 @@ def is_hf_vlm_folder(path: str | os.PathLike) -> bool:
 
 
 def _looks_like_path(ref: str) -> bool:
-    return (ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1)
-            or (os.altsep is not None and os.altsep in ref) or ref.count("/") > 1)
+    return (
+        ref.startswith((".", "/", "~"))
+        or os.sep in ref.strip("/").replace("/", "", 1)
+        or (os.altsep is not None and os.altsep in ref)
+        or ref.count("/") > 1
+    )
 
 
 def _not_cached(ref: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"model '{ref}' is not in the local cache and the hub cannot be reached; "
-        f"run `visprompt pull {ref}` on a connected machine, or pass a local folder")
+        f"run `visprompt pull {ref}` on a connected machine, or pass a local folder"
+    )
 
 
-def resolve_hf_ref(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                   revision: str | None = None, allow_download: bool = False) -> Path:
+def resolve_hf_ref(
+    ref: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    allow_download: bool = False,
+) -> Path:
     """A local folder for `ref`: the folder itself, or the cached snapshot of a hub id.
 
     Raises ModelNotFoundError (one line, no traceback) when the folder does not exist or the hub id is
@@ -126,10 +137,12 @@ def _check_vlm_folder(folder: Path, ref: str) -> None:
         what = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type") or "unknown model type"
         raise VispromptError(
             f"'{ref}' is not an image-text-to-text model ({what}); the HF VLM backend needs a model that "
-            "AutoModelForImageTextToText loads, such as LLaVA, Qwen2-VL or SmolVLM")
+            "AutoModelForImageTextToText loads, such as LLaVA, Qwen2-VL or SmolVLM"
+        )
 
 
 # ------------------------------------------------------------------------------------------ processor
+
 
 def _without_video(cls: type) -> type:
     """A subclass of a processor class that takes no video processor (those need torchvision).
@@ -138,8 +151,14 @@ def _without_video(cls: type) -> type:
     `video_processor` argument there is enough; images and text go through the original code."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                     chat_template=chat_template, **kwargs)
+        cls.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
 
     sub = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
     sub.__qualname__ = cls.__qualname__
@@ -218,8 +237,10 @@ def load_processor(folder: str | os.PathLike):
         chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
         return processor_without_video(cls, image_processor, tokenizer, chat_template=chat_template, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise VispromptError(f"cannot load the processor of '{folder}': {_one_line(first)} "
-                             f"(building {name} from its parts failed too: {_one_line(exc)})") from None
+        raise VispromptError(
+            f"cannot load the processor of '{folder}': {_one_line(first)} "
+            f"(building {name} from its parts failed too: {_one_line(exc)})"
+        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -228,6 +249,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------ messages
+
 
 def _image_src(part: dict) -> Any:
     if part.get("type") == "image":
@@ -266,6 +288,7 @@ def _load_image(src: Any):
 
 # ------------------------------------------------------------------------------------------ backend
 
+
 class HFVLMBackend:
     """A transformers image-text-to-text model behind the Backend protocol."""
 
@@ -279,8 +302,9 @@ class HFVLMBackend:
         eos = getattr(gen_cfg, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        self.eos_ids: list[int] = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
-                                          if e is not None})
+        self.eos_ids: list[int] = sorted(
+            {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+        )
         pad = getattr(gen_cfg, "pad_token_id", None)
         if pad is None:
             pad = self.tokenizer.pad_token_id
@@ -291,9 +315,16 @@ class HFVLMBackend:
     # -- loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, *, cache_dir: str | os.PathLike | None = None,
-                        revision: str | None = None, allow_download: bool = False) -> HFVLMBackend:
+    def from_pretrained(
+        cls,
+        ref: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
+        allow_download: bool = False,
+    ) -> HFVLMBackend:
         """Load a local folder or a cached hub id. Never downloads unless `allow_download`."""
         from transformers import AutoModelForImageTextToText
 
@@ -314,8 +345,10 @@ class HFVLMBackend:
     def prompt_texts(self, conversations: list[Conversation]) -> tuple[list[str], list[list[Any]]]:
         """The chat-templated prompt text of each conversation and its image sources."""
         if not (getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
-            raise VispromptError(f"model '{self.name}' has no chat template (a base model?); "
-                                 "the HF VLM backend needs an instruction-tuned checkpoint with one")
+            raise VispromptError(
+                f"model '{self.name}' has no chat template (a base model?); "
+                "the HF VLM backend needs an instruction-tuned checkpoint with one"
+            )
         texts, sources = [], []
         for conv in conversations:
             messages, srcs = to_hf_messages(conv)
@@ -483,7 +516,7 @@ class _SeqState:
                 end -= 1
         if end <= self.sent:
             return ""
-        delta = self.text[self.sent:end]
+        delta = self.text[self.sent : end]
         self.sent = end
         return delta
 
@@ -491,5 +524,10 @@ class _SeqState:
         if not self.track_text:
             shown = self.ids[:-1] if self.eos_hit else self.ids
             self.text = self.tokenizer.decode(shown, skip_special_tokens=True)
-        return GenerationResult(text=self.text, finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
-                                completion_tokens=len(self.ids), token_ids=list(self.ids))
+        return GenerationResult(
+            text=self.text,
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.ids),
+            token_ids=list(self.ids),
+        )

@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -33,10 +33,9 @@ from ...images import ImagePreprocessor, image_fingerprint, load_image, read_ima
 from ...models.tokenizer import stop_token_ids
 from ...models.vision_language_model import VisionLanguageModel
 from ..backend import Conversation, GenerationResult, SamplingParams
-from ..caches import MiB, ImageFeatureCache, PrefixKVCache
+from ..caches import ImageFeatureCache, MiB, PrefixKVCache
 from ..generation import generate_ids
 from ..prompting import encode_chat, to_chat
-
 
 GATE_QUESTIONS = (
     "What is the capital of France?",
@@ -101,7 +100,7 @@ class OwnVLMBackend:
         return bool(getattr(self.model.cfg, "image_after_text", False))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "cpu", **kwargs) -> "OwnVLMBackend":
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu", **kwargs) -> OwnVLMBackend:
         return cls(VisionLanguageModel.from_pretrained(folder, device=device), name=str(folder), **kwargs)
 
     # -- the fast path --------------------------------------------------------------------------
@@ -182,7 +181,9 @@ class OwnVLMBackend:
         self._check_vision_version()
         return self._encode_images(images)
 
-    def _encode_images(self, images: list, keys: list[str | None] | None = None, cached: dict | None = None) -> tuple[torch.Tensor | None, list[str]]:
+    def _encode_images(
+        self, images: list, keys: list[str | None] | None = None, cached: dict | None = None
+    ) -> tuple[torch.Tensor | None, list[str]]:
         """encode_images after the weights check. keys: fingerprints already known (None: computed
         here). cached: fingerprint -> features already taken from the cache; their images may be None."""
         if not images:
@@ -232,7 +233,9 @@ class OwnVLMBackend:
             self._encoded_to_pixels.popitem(last=False)
         return image, key
 
-    def encode_requests(self, conversations: list[Conversation]) -> list[tuple[list[int], torch.Tensor | None, list[str]]]:
+    def encode_requests(
+        self, conversations: list[Conversation]
+    ) -> list[tuple[list[int], torch.Tensor | None, list[str]]]:
         """Per conversation: token ids (image placeholders expanded), its image embeddings, their fingerprints."""
         model, tok = self.model, self.model.tokenizer
         self._check_vision_version()  # changed weights clear the features before any lookup
@@ -263,19 +266,25 @@ class OwnVLMBackend:
         if reason is not None:
             raise RuntimeError(f"streaming needs the fast runtime, which cannot run this model: {reason}")
         sched = self.scheduler
-        (prompt, embeds, keys), = self.encode_requests([conversation])
+        ((prompt, embeds, keys),) = self.encode_requests([conversation])
         return sched.submit(prompt, params, image_embeds=embeds, image_keys=keys, on_event=on_event)
 
     def stream(self, conversation: Conversation, params: SamplingParams):
         """Text pieces of the reply as they are generated."""
         return iter(self.submit(conversation, params))
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams, use_cache: bool = True) -> list[GenerationResult]:
+    def generate(
+        self, conversations: list[Conversation], params: SamplingParams, use_cache: bool = True
+    ) -> list[GenerationResult]:
         if not conversations:
             return []
         if use_cache and self.fast_path_reason() is None:
             sched = self.scheduler
-            handles = [sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in self.encode_requests(conversations)]
+            handles = [
+                sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in self.encode_requests(conversations)
+            ]
             return [h.result() for h in handles]
         prompts, embeds = self.encode_prompts(conversations)
-        return generate_ids(self.model, prompts, embeds, params, self.stop_ids, self.model.tokenizer, use_cache=use_cache)
+        return generate_ids(
+            self.model, prompts, embeds, params, self.stop_ids, self.model.tokenizer, use_cache=use_cache
+        )

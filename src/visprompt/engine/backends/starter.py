@@ -79,7 +79,11 @@ _PLAIN_NAMES: dict[int, str] = {
 def _plain_name(index: int, label: str) -> str:
     if index in _PLAIN_NAMES:
         return _PLAIN_NAMES[index]
-    if 151 <= index <= 268 and not re.search(r"dog|hound|terrier|retriever|spaniel|poodle|sheepdog|collie|setter|schnauzer|pinscher|mastiff|bulldog", label, re.IGNORECASE):
+    if 151 <= index <= 268 and not re.search(
+        r"dog|hound|terrier|retriever|spaniel|poodle|sheepdog|collie|setter|schnauzer|pinscher|mastiff|bulldog",
+        label,
+        re.IGNORECASE,
+    ):
         return f"{label} dog"  # "boxer", "pug", "Saluki": name them as dogs
     return label
 
@@ -453,7 +457,11 @@ class StarterBackend:
         if params.stop:
             cfg["stop_strings"] = list(params.stop)
         gen_config = GenerationConfig(**cfg)
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "generation_config": gen_config}
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "generation_config": gen_config,
+        }
         if params.stop:
             kwargs["tokenizer"] = tok
         if params.greedy or params.seed is None:
