@@ -79,7 +79,7 @@ def matvec_bandwidth(n: int = 8192, reps: int = 20) -> float:
     """GB/s of weights read by an fp32 n x n mat-vec (the bound of batch-1 decoding): the best of
     one F.linear (MKL runs it on one core), the matrix cut in column blocks, one per thread, and
     visprompt's C++ kernel on the matrix in 16-column panels (the layout its decoder streams)."""
-    from visprompt.engine import cpu_kernels
+    from visprompt.runtime import cpu_kernels
 
     threads = torch.get_num_threads()
     w = torch.randn(n, n)
@@ -283,12 +283,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from visprompt.engine.backends.own import OwnVLMBackend
-    from visprompt.engine.fast_decode import FastLM
-    from visprompt.engine.quantized import LlamaCppLM, agreement, cached_gguf, greedy_tokens, llama_cpp_available
-    from visprompt.engine.scheduler import Scheduler
     from visprompt.models.config import VLMConfig
     from visprompt.models.gguf import packaged_smollm2_path
     from visprompt.models.vision_language_model import VisionLanguageModel
+    from visprompt.runtime.fast_decode import FastLM
+    from visprompt.runtime.quantized import LlamaCppLM, agreement, cached_gguf, greedy_tokens, llama_cpp_available
+    from visprompt.runtime.scheduler import Scheduler
 
     batches = [int(b) for b in args.batches.split(",") if b]
     hf_batches = [int(b) for b in args.hf_batches.split(",") if b]

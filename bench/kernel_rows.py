@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from visprompt.engine import fast_decode
-    from visprompt.engine.fast_decode import FastLM
     from visprompt.models.config import VLMConfig
     from visprompt.models.vision_language_model import VisionLanguageModel
+    from visprompt.runtime import fast_decode
+    from visprompt.runtime.fast_decode import FastLM
 
     model = VisionLanguageModel.build(VLMConfig(vision_source="efficientnet-lite0", lm_source="smollm2-135m")).eval()
     lm = model.lm

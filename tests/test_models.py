@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TEXTS, spread_weights, tiny_config
 
-from visprompt.engine.prompting import encode_chat, encode_training_example
 from visprompt.errors import ConfigError, ModelNotFoundError
+from visprompt.models.chat import encode_chat, encode_training_example
 from visprompt.models.config import VLMConfig
 from visprompt.models.modality_projector import ModalityProjector, pixel_shuffle
 from visprompt.models.tokenizer import train_tokenizer

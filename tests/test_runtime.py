@@ -12,12 +12,12 @@ import torch
 from conftest import IMAGE_CONVS
 from conftest import image_conv as conv
 
-from visprompt.engine import fast_decode
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
-from visprompt.engine.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, token_keys
-from visprompt.engine.fast_decode import FastLM, unsupported_reason
 from visprompt.engine.generation import generate_ids
+from visprompt.runtime import fast_decode
+from visprompt.runtime.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, token_keys
+from visprompt.runtime.fast_decode import FastLM, unsupported_reason
 
 CONVS = [
     *IMAGE_CONVS,
@@ -155,7 +155,7 @@ def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, mon
 
 
 def test_kernel_build_says_why_it_is_off(monkeypatch):
-    from visprompt.engine import cpu_kernels
+    from visprompt.runtime import cpu_kernels
 
     monkeypatch.setenv("VISPROMPT_KERNELS", "0")
     assert cpu_kernels._build() == (None, "turned off by VISPROMPT_KERNELS")
@@ -517,7 +517,7 @@ def test_prefix_cache_keys_and_lookup():
 
 # -- the quantized path (llama.cpp; skipped when llama-cpp-python is absent) -----------------------
 def test_gguf_export_refuses_what_it_cannot_write(tmp_path):
-    from visprompt.engine.quantized import QuantizedUnavailable, write_gguf
+    from visprompt.runtime.quantized import QuantizedUnavailable, write_gguf
 
     pytest.importorskip("gguf")
     lm = tiny_llama(attention_bias=True)
@@ -529,7 +529,7 @@ def test_llama_cpp_f32_export_matches_transformers(tmp_path):
     """An F32 GGUF run by llama.cpp gives transformers' logits: the export (rotary permutation,
     layout, hyper-parameters) and the embeddings input are right."""
     pytest.importorskip("llama_cpp")
-    from visprompt.engine.quantized import LlamaCppLM, write_gguf
+    from visprompt.runtime.quantized import LlamaCppLM, write_gguf
 
     lm = tiny_llama()
     dec = LlamaCppLM(
@@ -554,8 +554,8 @@ def test_quantized_backend_passes_its_gate_and_batches(tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     from conftest import TEXTS, spread_weights, tiny_config
 
-    from visprompt.engine.quantized import agreement
     from visprompt.models.vision_language_model import VisionLanguageModel
+    from visprompt.runtime.quantized import agreement
 
     monkeypatch.setenv("VISPROMPT_CACHE", str(tmp_path))
     torch.manual_seed(0)

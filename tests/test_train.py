@@ -279,7 +279,7 @@ def test_stored_features_of_a_frozen_encoder_give_the_same_loss(shapes_dir):
 def test_trainer_stores_frozen_features_and_saves_the_prompt_layout(tmp_path, capfd):
     from visprompt.data.shapes import generate_shapes_dataset
     from visprompt.engine.backends.own import OwnVLMBackend
-    from visprompt.engine.prompting import render_content
+    from visprompt.models.chat import render_content
     from visprompt.tasks.assistant import user_turn
 
     data = tmp_path / "data"

@@ -21,7 +21,7 @@ import torch
 from common import load, prompt_ids
 from variants import StepRunner, add_tt, add_zb, make_step
 
-from visprompt.engine.fast_decode import FastLM
+from visprompt.runtime.fast_decode import FastLM
 
 if os.environ.get("NT"):
     torch.set_num_threads(int(os.environ["NT"]))

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from visprompt.engine.fast_decode import FastLM
+from visprompt.runtime.fast_decode import FastLM
 
 
 def make_step(dec: FastLM, static_len: bool, kvmode: str = "base", mv: str = "bmm"):

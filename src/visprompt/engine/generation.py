@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.sampling import choose_next_tokens, make_generator
+from ..runtime.sequence import find_stop
 from .backend import GenerationResult, SamplingParams
-from .sampling import choose_next_tokens, find_stop, make_generator
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

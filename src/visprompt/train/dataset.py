@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.llava import LlavaRecord
-from ..engine.prompting import encode_training_example
 from ..images import ImagePreprocessor, load_image
+from ..models.chat import encode_training_example
 
 IGNORE_INDEX = -100
 LLAVA_IMAGE_MARKER = "<image>"

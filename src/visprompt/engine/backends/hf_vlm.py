@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from ...errors import ModelNotFoundError, VispromptError
+from ...runtime.sampling import choose_next_tokens, make_generator
+from ...runtime.sequence import find_stop
 from ..backend import Conversation, GenerationResult, SamplingParams, iter_parts
-from ..sampling import choose_next_tokens, find_stop, make_generator
 
 __all__ = ["HFVLMBackend", "is_hf_vlm_folder", "load_processor", "resolve_hf_ref"]
 

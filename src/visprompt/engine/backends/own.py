@@ -30,12 +30,12 @@ import torch
 from PIL import Image
 
 from ...images import ImagePreprocessor, image_fingerprint, load_image, read_image_bytes
+from ...models.chat import encode_chat, to_chat
 from ...models.tokenizer import stop_token_ids
 from ...models.vision_language_model import VisionLanguageModel
+from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
 from ..backend import Conversation, GenerationResult, SamplingParams
-from ..caches import ImageFeatureCache, MiB, PrefixKVCache
 from ..generation import generate_ids
-from ..prompting import encode_chat, to_chat
 
 GATE_QUESTIONS = (
     "What is the capital of France?",
@@ -106,7 +106,7 @@ class OwnVLMBackend:
     # -- the fast path --------------------------------------------------------------------------
     def fast_path_reason(self) -> str | None:
         """None when the fast runtime reproduces this model; otherwise why it is not used."""
-        from ..fast_decode import unsupported_reason
+        from ...runtime.fast_decode import unsupported_reason
 
         if not self.fast:
             return "disabled (fast=False)"
@@ -118,8 +118,8 @@ class OwnVLMBackend:
     def scheduler(self):
         """The continuous-batching scheduler over the fast decoder (built on first use, rebuilt when
         the LM's weights change)."""
-        from ..fast_decode import FastLM
-        from ..scheduler import Scheduler
+        from ...runtime.fast_decode import FastLM
+        from ...runtime.scheduler import Scheduler
 
         version = _weights_version(self.model.lm)
         if self._scheduler is None or version != self._lm_version:
@@ -143,8 +143,8 @@ class OwnVLMBackend:
 
     def _quantized_decoder(self):
         """A LlamaCppLM that passed the quality gate, or None (with a warning) to stay on fp32."""
-        from ..fast_decode import FastLM
-        from ..quantized import LlamaCppLM, QuantizedUnavailable, agreement, cached_gguf
+        from ...runtime.fast_decode import FastLM
+        from ...runtime.quantized import LlamaCppLM, QuantizedUnavailable, agreement, cached_gguf
 
         try:
             decoder = LlamaCppLM(cached_gguf(self.model.lm, self.quantize), max_batch=self.max_batch)

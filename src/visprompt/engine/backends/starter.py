@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ...errors import VispromptError
+from ...runtime.sequence import find_stop
 from ..backend import Conversation, GenerationResult, Message, SamplingParams, image_sources, message_text
-from ..sampling import find_stop
 
 DESCRIBE_PREFIX = "The photo most likely shows"
 UNSURE_PREFIX = "The classifier is unsure, but the photo may show"

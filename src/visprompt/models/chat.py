@@ -1,11 +1,72 @@
-"""From conversations with images to token ids, the same way for training and for generation."""
+"""Conversations with images: their messages, and their rendering to token ids (the same for training
+and for generation).
+
+A *conversation* is a list of OpenAI/transformers-style messages:
+
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                  {"type": "text", "text": "What is this?"}]}]
+
+`content` is a string or a list of parts. An image part is `{"type": "image", "image": SRC}` where
+SRC is anything `visprompt.images.load_image` takes (path, bytes, data: URL, PIL image), or the
+OpenAI form `{"type": "image_url", "image_url": {"url": SRC}}`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import VispromptError
-from .backend import Conversation, iter_parts
+
+Message = dict[str, Any]
+Conversation = list[Message]
+
+
+def image_sources(message: Message) -> list[Any]:
+    """The image sources of one message, in order."""
+    content = message.get("content")
+    if isinstance(content, str) or content is None:
+        return []
+    out = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "image":
+            out.append(part.get("image", part.get("url", part.get("path"))))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            out.append(url.get("url") if isinstance(url, dict) else url)
+    return out
+
+
+def message_text(message: Message) -> str:
+    """The text of one message (parts joined), without images."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def normalize_conversations(conversations: Any) -> tuple[list[Conversation], bool]:
+    """Accept one conversation or a list of them; return (list of conversations, was_single)."""
+    if isinstance(conversations, dict):
+        return [[conversations]], True
+    conversations = list(conversations)
+    if conversations and isinstance(conversations[0], dict):
+        return [conversations], True
+    return [list(c) for c in conversations], False
+
+
+def iter_parts(message: Message) -> Iterable[dict[str, Any]]:
+    """Content parts of a message in order; a plain string becomes one text part."""
+    content = message.get("content")
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return content
 
 
 def render_content(message: dict[str, Any], image_token: str) -> tuple[str, list[Any]]:

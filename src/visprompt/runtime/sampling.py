@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import Any
+
 import torch
 
-from .backend import SamplingParams
+from ..errors import VispromptError
+
+
+@dataclass
+class SamplingParams:
+    """Generation options shared by every backend. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise VispromptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise VispromptError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise VispromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise VispromptError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def updated(self, **overrides: Any) -> SamplingParams:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -40,15 +74,3 @@ def choose_next_tokens(
         scores = scores.masked_fill(drop, float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def find_stop(text: str, stops: list[str]) -> int:
-    """Index where the earliest stop string starts in `text`, or -1."""
-    best = -1
-    for s in stops:
-        if not s:
-            continue
-        i = text.find(s)
-        if i != -1 and (best == -1 or i < best):
-            best = i
-    return best

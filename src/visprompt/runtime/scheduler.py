@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from ..errors import VispromptError
-from .backend import GenerationResult, SamplingParams
 from .caches import PrefixKVCache, token_keys
-from .sampling import choose_next_tokens, find_stop, make_generator
+from .sampling import SamplingParams, choose_next_tokens, make_generator
+from .sequence import GenerationResult, find_stop
 
 EmbedFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # ([1, T] ids, image embeds) -> [1, T, D]
 
