@@ -90,3 +90,19 @@ def tiny_model():
 
     torch.manual_seed(0)
     return spread_weights(VisionLanguageModel.build(tiny_config(), TEXTS)).eval()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] input ids and attention mask, left padded (a batch whose next tokens all sit last)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    # mask: [B, T] -> position ids [B, T] counting real tokens only; pads get 0
+    return (mask.cumsum(-1) - 1).clamp(min=0)

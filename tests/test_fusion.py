@@ -10,12 +10,11 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TEXTS, spread_weights, tiny_config
+from conftest import TEXTS, left_pad, positions, spread_weights, tiny_config
 from PIL import Image
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
-from visprompt.engine.generation import left_pad, positions
 from visprompt.models.cross_attention import (
     GatedCrossAttentionBlock,
     find_decoder_layers,
@@ -305,7 +304,8 @@ def test_image_keys_and_values_are_computed_once_per_prompt(monkeypatch):
     backend = OwnVLMBackend(model)
     params = SamplingParams(max_new_tokens=6)
     res = backend.generate(CONVS[:2], params)
-    assert sum(len(r.token_ids) for r in res) > 4 and len(calls) == len(model.fusion.blocks)  # prefill only
+    # once per prompt and block, at its prefill; never again in its decode steps
+    assert sum(len(r.token_ids) for r in res) > 4 and len(calls) == len(model.fusion.blocks) * len(res)
     calls.clear()
     backend.generate(CONVS[:1], params, use_cache=False)
     assert len(calls) > len(model.fusion.blocks)  # recomputed every step without the cache

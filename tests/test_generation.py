@@ -39,7 +39,7 @@ def test_batched_logits_match_single_with_left_padding(backend):
     """Not only the argmax: the padded row's next-token distribution equals the unpadded one."""
     model = backend.model
     prompts, embeds = backend.encode_prompts(CONVS[:2])
-    from visprompt.engine.generation import left_pad, positions
+    from conftest import left_pad, positions
 
     ids, mask = left_pad(prompts, model.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():

@@ -14,7 +14,6 @@ from conftest import image_conv as conv
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
-from visprompt.engine.generation import generate_ids
 from visprompt.runtime import fast_decode
 from visprompt.runtime.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, token_keys
 from visprompt.runtime.fast_decode import FastLM, unsupported_reason
@@ -27,12 +26,9 @@ CONVS = [
 
 
 def reference(backend, convs, params):
-    """The reference path: transformers forward with its own KV cache, one conversation at a time."""
-    out = []
-    for c in convs:
-        prompts, embeds = backend.encode_prompts([c])
-        out.append(generate_ids(backend.model, prompts, embeds, params, backend.stop_ids, backend.model.tokenizer)[0])
-    return out
+    """The reference path: the model's own forward with its KV cache, one conversation at a time."""
+    ref = OwnVLMBackend(backend.model, fast=False)
+    return [ref.generate([c], params)[0] for c in convs]
 
 
 def same(a, b):
@@ -224,7 +220,7 @@ def test_continuous_batching_equals_one_by_one(backend):
     sched.run()
     same([h.result() for h in handles], want)
     assert max(batch_sizes) == 2
-    assert backend.scheduler.decoder.n_active == 0  # every slot was freed
+    assert len(backend.scheduler.decoder.sequences) == 0  # every slot was freed
 
 
 def test_per_request_sampling_does_not_depend_on_the_batch(backend):
@@ -269,7 +265,7 @@ def test_cancel_frees_the_slot_and_leaves_others_alone(backend):
     sched.step()
     hs[1].cancel()
     sched.step()
-    assert sched.decoder.n_active == 2
+    assert len(sched.decoder.sequences) == 2
     sched.run()
     assert hs[1].result().finish_reason == "cancelled"
     assert len(hs[1].result().token_ids) < 12
@@ -294,7 +290,7 @@ def test_a_failing_request_does_not_take_the_batch_down(backend):
     with pytest.raises(ValueError):
         list(bad)
     same([good.result(), late.result()], want)
-    assert sched.decoder.n_active == 0
+    assert len(sched.decoder.sequences) == 0
 
 
 def test_a_burst_about_one_image_is_admitted_together(backend, monkeypatch):
@@ -308,7 +304,9 @@ def test_a_burst_about_one_image_is_admitted_together(backend, monkeypatch):
     calls = []
     real = sched.decoder.prefill_many
     monkeypatch.setattr(
-        sched.decoder, "prefill_many", lambda seqs, embeds: calls.append(len(seqs)) or real(seqs, embeds)
+        sched.decoder,
+        "prefill_many",
+        lambda seqs, prompts, starts: calls.append(len(seqs)) or real(seqs, prompts, starts),
     )
     reqs = backend.encode_requests(convs)
     handles = [sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in reqs[:2]]
@@ -321,7 +319,7 @@ def test_a_burst_about_one_image_is_admitted_together(backend, monkeypatch):
     same(results, want)
     assert calls == [2]  # one step for the two after the first (the broken one dropped out before it)
     assert all(h.cached_prompt_tokens > 0 for h in handles[1:])  # they shared the first's prefix
-    assert sched.decoder.n_active == 0
+    assert len(sched.decoder.sequences) == 0
 
 
 def test_background_thread_serves_concurrent_callers(backend):
@@ -498,7 +496,8 @@ def test_a_finished_reply_is_cached_for_the_next_turn(backend):
     h = sched.submit(follow, params, image_embeds=embeds, image_keys=keys)
     got = h.result()
     assert h.cached_prompt_tokens == len(prompt) + len(first.token_ids) - 1
-    want = generate_ids(backend.model, [follow], embeds, params, backend.stop_ids, backend.model.tokenizer)[0]
+    ref = OwnVLMBackend(backend.model, fast=False).scheduler
+    want = ref.submit(follow, params, image_embeds=embeds, image_keys=keys).result()
     same([got], [want])
 
 

@@ -1,29 +1,26 @@
-"""Continuous batching: requests join and leave a running batch between decode steps.
+"""Continuous batching: the one decode loop every backend generates through.
 
-A `Scheduler` owns one decoder (`FastLM`, or `LlamaCppLM` from `engine/quantized.py`: anything with
-`new_sequence / free / prefill / decode / length`) whose KV cache is split into sequence slots.
-Each `step()`:
+A `Scheduler` owns one `Decoder` (runtime/decoder.py: the lean fp32 decoder, llama.cpp, or a model's
+own forward) whose sequences sit in slots, and one `DecodeSequence` (runtime/sequence.py) per request,
+which owns the stop rules and the streamed text. Each `step()`:
 
 1. drops cancelled requests (their slots are freed at once);
 2. admits waiting requests while slots are free: the longest cached prefix of the prompt is copied
-   in from the `PrefixKVCache` (if any), the rest of the prompt is prefilled, and the first token is
-   sampled (that is the request's time to first token); a step that admitted ends here, unless the
-   step before it admitted too (so first tokens are not held back by a decode step, and arrivals
-   never starve the running requests);
-3. runs one batched decode step for every running request: each row has its own positions, its own
+   in from the `PrefixKVCache` (when the decoder can export its KV), the rest of the prompt is
+   prefilled, and the first token is sampled (the request's time to first token); a step that
+   admitted ends there, unless the step before it admitted too (so first tokens are not held back by
+   a decode step, and arrivals never starve the running requests);
+3. runs one batched decode step for every running request: each row has its own position, its own
    `SamplingParams` (greedy rows share one argmax, sampled rows use their own seeded generator) and
-   its own stop conditions (stop token ids, stop strings, max_new_tokens, the model's context);
-4. finishes requests, frees their slots (a freed slot is reused by the next admission) and stores
-   their KV (prompt + reply) in the prefix cache for a follow-up turn.
+   its own stop conditions;
+4. finishes requests, frees their slots, and stores their KV (prompt + reply) in the prefix cache
+   for a follow-up turn.
 
-Results match `generation.generate_ids` request by request (same text, token ids, finish reasons and
-counts); greedy output does not depend on what else is in the batch.
-
-Streaming: `submit` returns a `RequestHandle`. Iterating it yields text as it becomes safe to show
-(complete UTF-8, and never a part of a stop string that may still complete); `on_event` gets a
-`StreamEvent` per token and at the end. `handle.cancel()` stops a request between steps (finish
-reason "cancelled"). Either drive the scheduler yourself (`step()`, `run()`, or just iterate / call
-`handle.result()`, which steps it) or `start()` a background thread that steps while there is work.
+Greedy output does not depend on what else is in the batch. `submit` returns a `RequestHandle`:
+iterate it for streamed text, `cancel()` it (it stops at the next step: finish reason "cancelled"),
+or `result()` for the whole reply. Drive the loop yourself (`step()`, `run()`, or just `result()`,
+which steps it) or `start()` a background thread that steps while there is work; `submit` may be
+called from any number of threads.
 """
 
 from __future__ import annotations
@@ -34,22 +31,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..errors import VispromptError
 from .caches import PrefixKVCache, token_keys
+from .decoder import Decoder, Prompt
 from .sampling import SamplingParams, choose_next_tokens, make_generator
-from .sequence import GenerationResult, find_stop
-
-EmbedFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # ([1, T] ids, image embeds) -> [1, T, D]
+from .sequence import DecodeSequence, GenerationResult
 
 
 @dataclass
 class StreamEvent:
     request_id: int
-    token_id: int | None  # the token this event adds; None when it adds none (an end token, a cancellation)
+    token_id: int | None  # the token this event adds; None when it adds none (a stop token, a cancellation)
     text: str  # newly safe text ("" when nothing new can be shown yet)
     finished: bool = False
     finish_reason: str | None = None
@@ -58,18 +53,13 @@ class StreamEvent:
 @dataclass
 class _Request:
     id: int
-    prompt: list[int]
-    image_embeds: torch.Tensor | None
-    image_keys: tuple[str, ...]
+    prompt: Prompt
+    seq: DecodeSequence
     params: SamplingParams
     on_event: Callable[[StreamEvent], None] | None
     generator: torch.Generator | None = None
-    seq: int | None = None
-    tokens: list[int] = field(default_factory=list)
-    pending: int | None = None  # sampled, not yet fed to the model
-    hit_eos: bool = False
-    finish_reason: str | None = None
-    emitted: str = ""
+    slot: int | None = None  # the decoder's sequence id while admitted
+    pending: int | None = None  # sampled, not yet fed to the decoder
     cancelled: bool = False
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     submitted_at: float = 0.0
@@ -77,10 +67,11 @@ class _Request:
     finished_at: float | None = None
     result: GenerationResult | None = None
     error: BaseException | None = None
+    keys: tuple | None = field(default=None, repr=False)  # prefix-cache keys of the prompt
 
 
 class RequestHandle:
-    """One submitted request: iterate for streamed text, `result()` for the whole answer."""
+    """One submitted request: iterate for streamed text, `result()` for the whole reply."""
 
     def __init__(self, scheduler: Scheduler, req: _Request):
         self._scheduler = scheduler
@@ -98,7 +89,7 @@ class RequestHandle:
 
     @property
     def token_ids(self) -> list[int]:
-        return list(self._req.tokens)
+        return list(self._req.seq.token_ids)
 
     @property
     def cached_prompt_tokens(self) -> int:
@@ -115,12 +106,15 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Block until finished (stepping the scheduler unless its thread runs) and return the result."""
-        if not self._scheduler.running:
-            while not self.done:
-                if not self._scheduler.step() and not self.done:
-                    raise RuntimeError("scheduler is idle but the request never finished")
-        elif not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            if self._scheduler.running:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._done.wait(left if left is None else min(left, 0.1)):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+            elif not self._scheduler.step() and not self.done:
+                raise RuntimeError("scheduler is idle but the request never finished")
         if self._req.error is not None:
             raise self._req.error
         assert self._req.result is not None
@@ -133,11 +127,13 @@ class RequestHandle:
                 ev = self._queue.get_nowait()
             except queue.Empty:
                 if self._scheduler.running:
-                    ev = self._queue.get()
+                    try:
+                        ev = self._queue.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
                 else:
-                    if not self._scheduler.step():
-                        if self._queue.empty():
-                            return
+                    if not self._scheduler.step() and self._queue.empty():
+                        return
                     continue
             if ev.finished and self._req.error is not None:
                 raise self._req.error
@@ -157,23 +153,37 @@ class RequestHandle:
 
 
 class Scheduler:
+    """Continuous batching over one `Decoder`.
+
+    Args:
+        decoder: the sequences' KV state and forward steps.
+        tokenizer: decodes replies (incrementally, see `DecodeSequence`).
+        stop_ids: token ids that end a reply.
+        image_token_id: the image placeholder id; never sampled, and the prefix cache compares image
+            tokens by their image's fingerprint.
+        prefix_cache: reused prompt KV (only with a decoder that exports it).
+        max_batch: at most this many sequences decode together (and the decoder's own limit).
+        banned_ids: further ids never sampled.
+    """
+
     def __init__(
         self,
-        decoder: Any,
-        embed: EmbedFn,
+        decoder: Decoder,
         tokenizer,
         stop_ids: Sequence[int],
         image_token_id: int = -1,
         prefix_cache: PrefixKVCache | None = None,
         max_batch: int | None = None,
+        banned_ids: Sequence[int] = (),
     ):
         self.decoder = decoder
-        self.embed = embed
         self.tokenizer = tokenizer
-        self.stop_ids = set(int(t) for t in stop_ids)
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.image_token_id = image_token_id
-        self.prefix_cache = prefix_cache if getattr(decoder, "supports_kv_export", True) else None
+        self.prefix_cache = prefix_cache if decoder.supports_kv_export else None
         self.max_batch = min(max_batch or decoder.max_batch, decoder.max_batch)
+        banned = {int(t) for t in banned_ids} | ({image_token_id} if image_token_id >= 0 else set())
+        self._banned = torch.tensor(sorted(banned), dtype=torch.long) if banned else None
         self._ids = itertools.count()
         self._waiting: list[tuple[_Request, RequestHandle]] = []
         self._running: list[tuple[_Request, RequestHandle]] = []
@@ -184,33 +194,36 @@ class Scheduler:
         self._stopping = False
         self.steps = 0
         self._last_step_admitted = False
-        # Prompts whose KV goes into the prefix cache once their first token is out (see _admit).
-        self._pending_stores: list[tuple[_Request, tuple]] = []
+        # Prompts whose KV goes into the prefix cache once their first token is out (see _first_token).
+        self._pending_stores: list[_Request] = []
 
     # -- submission -----------------------------------------------------------------------------
     def submit(
         self,
-        prompt: Sequence[int],
+        prompt: Prompt | Sequence[int],
         params: SamplingParams,
         image_embeds: torch.Tensor | None = None,
         image_keys: Sequence[str] = (),
         on_event: Callable[[StreamEvent], None] | None = None,
     ) -> RequestHandle:
-        """Queue one prompt (token ids with image placeholders expanded; image_embeds
-        [n_images, tokens_per_image, D] for its placeholders, in order; image_keys their fingerprints,
-        which the prefix cache needs to tell images apart — without them, prompts with images are
-        not cached)."""
-        if not prompt:
+        """Queue one prompt: a `Prompt`, or token ids (image placeholders expanded) with image_embeds
+        [n_images, tokens_per_image, D] for its placeholders and image_keys their fingerprints."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt(list(prompt), image_embeds, tuple(image_keys))
+        if not prompt.ids:
             raise VispromptError("empty prompt")
-        if len(prompt) >= self.decoder.max_len:
+        if len(prompt.ids) >= self.decoder.max_len:
             raise VispromptError(
-                f"prompt of {len(prompt)} tokens does not fit the model's context of {self.decoder.max_len}"
+                f"the prompt has {len(prompt.ids)} tokens, which does not fit the model's context of "
+                f"{self.decoder.max_len} tokens with room for a reply"
             )
+        seq = DecodeSequence(
+            self.tokenizer, params, self.stop_ids, len(prompt.ids), self.decoder.max_len, prompt.answer_prefix
+        )
         req = _Request(
             id=next(self._ids),
-            prompt=list(prompt),
-            image_embeds=image_embeds,
-            image_keys=tuple(image_keys),
+            prompt=prompt,
+            seq=seq,
             params=params,
             on_event=on_event,
             generator=make_generator(params),
@@ -258,9 +271,7 @@ class Scheduler:
                     admit.append(self._waiting.pop(0))
             if admit:
                 self._admit_all(admit)
-            decoding = [(r, h) for r, h in self._running if r.pending is not None and r.finish_reason is None]
-            # A step that admitted requests ends there, so their first tokens reach the caller before
-            # a decode step runs; the next step always decodes (admissions never starve decoding).
+            decoding = [(r, h) for r, h in self._running if r.pending is not None and not r.seq.finished]
             prefill_only = bool(admit) and not self._last_step_admitted
             self._last_step_admitted = bool(admit)
             if decoding and not prefill_only:
@@ -279,11 +290,12 @@ class Scheduler:
 
     def start(self) -> None:
         """Step in a background thread while there is work (idle otherwise)."""
-        if self.running:
-            return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="visprompt-scheduler", daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self.running:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="visprompt-scheduler", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         with self._lock:
@@ -322,95 +334,90 @@ class Scheduler:
 
     # -- admission ------------------------------------------------------------------------------
     def _admit_all(self, admit: list[tuple[_Request, RequestHandle]]) -> None:
-        """Admit waiting requests. The first runs alone and its prompt goes into the prefix cache, so
-        the others (often the same system prompt and image) find it there; they then prefill together
-        in one step when the decoder can (`prefill_many`): a burst of n questions about one image
-        reads the weights twice, not n times."""
-        together = len(admit) > 1 and hasattr(self.decoder, "prefill_many")
-        for req, handle in admit[:1] if together else admit:
-            try:
-                self._admit(req, handle)
-            except Exception as exc:  # this request fails (result() raises); the others go on
-                self._fail(req, handle, exc)
-        if not together:
-            return
+        """Admit waiting requests. With a prefix cache the first runs alone and its prompt is stored,
+        so the others (often the same system prompt and image) find it; they then prefill together
+        in one decoder call: a burst of n questions about one image reads the weights twice, not n
+        times."""
+        first = admit[:1] if self.prefix_cache is not None and len(admit) > 1 else []
+        for req, handle in first:
+            self._prefill([(req, handle)])
         self._store_pending_prompts()
+        self._prefill(admit[len(first) :])
+
+    def _prefill(self, group: list[tuple[_Request, RequestHandle]]) -> None:
         ready = []
-        for req, handle in admit[1:]:
+        for req, handle in group:
             try:
-                ready.append((req, handle, *self._start(req, handle)))
-            except Exception as exc:
+                ready.append((req, handle, self._start(req, handle)))
+            except Exception as exc:  # this request fails (result() raises); the others go on
                 self._fail(req, handle, exc)
         if not ready:
             return
         try:
-            logits = self.decoder.prefill_many([r.seq for r, *_ in ready], [embeds for *_, embeds in ready])
-            toks = self._sample(logits, [r for r, *_ in ready])
+            if len(ready) == 1:
+                req, _, start = ready[0]
+                logits = self.decoder.prefill(req.slot, req.prompt, start).unsqueeze(0)
+            else:
+                logits = self.decoder.prefill_many(
+                    [r.slot for r, _, _ in ready], [r.prompt for r, _, _ in ready], [s for _, _, s in ready]
+                )
+            toks = self._sample(logits, [r for r, _, _ in ready])
         except Exception as exc:
-            for req, handle, *_ in ready:
+            for req, handle, _ in ready:
                 self._fail(req, handle, exc)
             return
-        for (req, handle, keys, _), tok in zip(ready, toks):
-            self._first_token(req, handle, keys, tok)
+        for (req, handle, _), tok in zip(ready, toks):
+            self._first_token(req, handle, tok)
 
-    def _start(self, req: _Request, handle: RequestHandle):
-        """Give a request a sequence with its longest cached prefix; returns (its prefix-cache keys or
-        None, the input embeddings still to prefill [T, D])."""
+    def _start(self, req: _Request, handle: RequestHandle) -> int:
+        """Give a request a sequence holding its longest cached prefix; returns that prefix's length."""
         dec = self.decoder
-        seq = dec.new_sequence()
-        req.seq = seq
+        dec.prepare(req.prompt)
+        req.slot = dec.new_sequence()
         with self._lock:
             self._running.append((req, handle))
-        ids = torch.tensor([req.prompt], dtype=torch.long)
-        keys = None
         start = 0
-        if self.prefix_cache is not None and (req.image_embeds is None or req.image_keys):
-            keys = token_keys(req.prompt, self.image_token_id, req.image_keys)
-            hit = self.prefix_cache.lookup(keys, limit=len(req.prompt) - 1)  # the last token must run
+        if self.prefix_cache is not None and req.prompt.cacheable:
+            req.keys = token_keys(req.prompt.ids, self.image_token_id, req.prompt.image_keys)
+            hit = self.prefix_cache.lookup(req.keys, limit=len(req.prompt.ids) - 1)  # the last token must run
             if hit is not None:
-                dec.import_kv(seq, hit.kv)
+                dec.import_kv(req.slot, hit.kv)
                 start = hit.length
         req.cached_tokens = start
-        embeds = self.embed(ids, req.image_embeds)[0]  # [T, D]
-        return keys, embeds[start:]
+        return start
 
-    def _admit(self, req: _Request, handle: RequestHandle) -> None:
-        self._store_pending_prompts()
-        keys, embeds = self._start(req, handle)
-        logits = self.decoder.prefill(req.seq, embeds)
-        self._first_token(req, handle, keys, self._sample(logits.unsqueeze(0), [req])[0])
-
-    def _first_token(self, req: _Request, handle: RequestHandle, keys, tok: int) -> None:
+    def _first_token(self, req: _Request, handle: RequestHandle, tok: int) -> None:
         req.first_token_at = time.perf_counter()
         self._accept(req, handle, tok)  # the first token goes out before any cache bookkeeping
         # Store the prompt soon (not only at the end), so requests admitted after this one share it:
         # before the next admission or at the next step -- after this step returned, so a caller
         # driving the loop itself sees the first token without waiting for the copy.
-        if keys is not None and req.seq is not None:
-            self._pending_stores.append((req, keys))
+        if req.keys is not None and req.slot is not None:
+            self._pending_stores.append(req)
 
     def _store_pending_prompts(self) -> None:
         pending, self._pending_stores = self._pending_stores, []
-        for req, keys in pending:
+        for req in pending:
             # A request that finished meanwhile stored its KV (prompt and reply) on release.
-            if req.seq is not None and not self.prefix_cache.covers(keys):
-                self.prefix_cache.store(keys, self.decoder.export_kv(req.seq, len(req.prompt)))
+            if req.slot is not None and not self.prefix_cache.covers(req.keys):
+                self.prefix_cache.store(req.keys, self.decoder.export_kv(req.slot, len(req.prompt.ids)))
 
     # -- decoding -------------------------------------------------------------------------------
     def _decode(self, batch: list[tuple[_Request, RequestHandle]]) -> None:
-        dec = self.decoder
-        by_seq = {r.seq: (r, h) for r, h in batch}
-        seqs = dec.sequences  # every live sequence, in the decoder's own order
-        if set(seqs) != set(by_seq):
+        by_slot = {r.slot: (r, h) for r, h in batch}
+        slots = self.decoder.sequences  # every live sequence, in the decoder's own order
+        if set(slots) != set(by_slot):
             raise RuntimeError("decoder sequences and running requests are out of step")
-        reqs = [by_seq[s][0] for s in seqs]
-        logits = dec.decode(seqs, [r.pending for r in reqs])  # [B, V]
-        toks = self._sample(logits, reqs)
-        for s, tok in zip(seqs, toks):
-            req, handle = by_seq[s]
+        reqs = [by_slot[s][0] for s in slots]
+        logits = self.decoder.decode(slots, [r.pending for r in reqs])  # [B, V]
+        for s, tok in zip(slots, self._sample(logits, reqs)):
+            req, handle = by_slot[s]
             self._accept(req, handle, tok)
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        logits = logits.float()
+        if self._banned is not None:  # a generated token is text: image placeholders are never sampled
+            logits = logits.index_fill(-1, self._banned.to(logits.device), float("-inf"))
         out: list[int | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
@@ -423,87 +430,44 @@ class Scheduler:
         return out  # type: ignore[return-value]
 
     def _accept(self, req: _Request, handle: RequestHandle, tok: int) -> None:
-        """Book-keep one sampled token: stop conditions, streaming, finishing."""
-        params = req.params
-        if tok in self.stop_ids:
-            req.hit_eos = True
-            self._finish(req, handle, "stop")
-            return
-        req.tokens.append(tok)
-        # Decoded every token: stop strings need it, and a stream may be read at any time.
-        text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
-        if params.stop and find_stop(text, params.stop) >= 0:
-            self._finish(req, handle, "stop", text, token_id=tok)
-            return
-        total = len(req.prompt) + len(req.tokens)
-        if len(req.tokens) >= params.max_new_tokens or total >= self.decoder.max_len:
-            self._finish(req, handle, "length", text, token_id=tok)
+        """One sampled token: the sequence applies the stop rules and says what may be streamed."""
+        delta = req.seq.accept(tok)
+        if req.seq.finished:
+            fed = tok if tok not in self.stop_ids else None
+            self._finish(req, handle, req.seq.finish_reason, delta, token_id=fed)
             return
         req.pending = tok
-        delta = self._safe_delta(req, text)
         self._publish(req, handle, StreamEvent(req.id, tok, delta))
 
-    def _safe_delta(self, req: _Request, text: str) -> str:
-        """Text that can be shown now: no half UTF-8 character, no possible start of a stop string."""
-        safe = len(text)
-        while safe and text[safe - 1] == "\ufffd":
-            safe -= 1
-        for s in req.params.stop:
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[safe - k : safe] == s[:k]:
-                    safe -= k
-                    break
-        if not text[:safe].startswith(req.emitted):
-            return ""  # detokenization changed earlier text (rare); wait for the final flush
-        delta = text[len(req.emitted) : safe]
-        req.emitted += delta
-        return delta
-
     def _finish(
-        self, req: _Request, handle: RequestHandle, reason: str, text: str | None = None, token_id: int | None = None
+        self, req: _Request, handle: RequestHandle, reason: str, delta: str = "", token_id: int | None = None
     ) -> None:
-        if req.finish_reason is not None and req.result is not None:
+        if req.result is not None:
             return
-        req.finish_reason = reason
+        delta += req.seq.finish(reason)  # "" when the sequence had already finished itself
         req.pending = None
         req.finished_at = time.perf_counter()
         if req.first_token_at is None:
             req.first_token_at = req.finished_at
-        if text is None:
-            text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
-        cut = find_stop(text, req.params.stop) if req.params.stop else -1
-        if cut >= 0:
-            text = text[:cut]
-        final = text
-        if req.seq is not None:
+        if req.slot is not None:
             self._release(req)
         with self._lock:
             if (req, handle) in self._running:
                 self._running.remove((req, handle))
-        req.result = GenerationResult(
-            text=final.strip(),
-            finish_reason=reason,
-            prompt_tokens=len(req.prompt),
-            completion_tokens=len(req.tokens) + int(req.hit_eos),
-            token_ids=list(req.tokens),
-        )
-        delta = final[len(req.emitted) :] if final.startswith(req.emitted) else ""
-        req.emitted += delta
+        req.result = req.seq.result()
         self._publish(req, handle, StreamEvent(req.id, token_id, delta, finished=True, finish_reason=reason))
 
     def _release(self, req: _Request) -> None:
         dec = self.decoder
-        seq, req.seq = req.seq, None
+        slot, req.slot = req.slot, None
         try:
-            if self.prefix_cache is not None and not req.cancelled and (req.image_embeds is None or req.image_keys):
-                n = dec.length(seq)  # prompt + the reply tokens already fed
-                keys = token_keys(req.prompt, self.image_token_id, req.image_keys) + tuple(
-                    req.tokens[: n - len(req.prompt)]
-                )
+            if self.prefix_cache is not None and not req.cancelled and req.keys is not None:
+                n = dec.length(slot)  # prompt + the reply tokens already fed
+                keys = req.keys + tuple(req.seq.token_ids[: n - len(req.prompt.ids)])
                 if not self.prefix_cache.covers(keys[:n]):
-                    self.prefix_cache.store(keys[:n], dec.export_kv(seq, n))
+                    self.prefix_cache.store(keys[:n], dec.export_kv(slot, n))
         finally:
-            dec.free(seq)
+            dec.free(slot)
 
     def _publish(self, req: _Request, handle: RequestHandle, ev: StreamEvent) -> None:
         handle._publish(ev)

@@ -1,12 +1,12 @@
 """Backend for visprompt's own VisionLanguageModel folders.
 
-By default generation runs on the fast runtime: the lean fp32 decoder (`engine/fast_decode.py`)
-under the continuous-batching scheduler (`engine/scheduler.py`), with an image-feature cache and a
-prefix KV cache (`engine/caches.py`). It gives the same tokens as the reference path
-(`engine/generation.py`, transformers' forward with its KV cache), which is still used when the fast
-path cannot reproduce the model (cross-attention or mixture fusion, an architecture other than
-Llama/Mistral/Qwen2, adapters or hooks inside the LM) or when asked for (`fast=False`,
-`use_cache=False`).
+Generation always runs under the continuous-batching scheduler (`runtime/scheduler.py`). By default
+its decoder is the lean fp32 one (`runtime/fast_decode.py`), with an image-feature cache and a prefix
+KV cache (`runtime/caches.py`). It gives the same tokens as the reference decoder
+(`runtime/decoder.ReferenceDecoder`: the model's own forward with its KV cache), which is used when
+the fast path cannot reproduce the model (cross-attention or mixture fusion, an architecture other
+than Llama/Mistral/Qwen2, adapters or hooks inside the LM) or when asked for (`fast=False`;
+`generate(..., use_cache=False)` re-reads the whole sequence every step).
 
 `quantize="q8_0" | "q4_1" | "q4_0"` runs the language model in llama.cpp instead (engine/quantized.py;
 needs llama-cpp-python), behind a quality gate: greedy agreement with the fp32 decoder on a fixed
@@ -21,9 +21,10 @@ features.
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,8 +35,9 @@ from ...models.chat import encode_chat, to_chat
 from ...models.tokenizer import stop_token_ids
 from ...models.vision_language_model import VisionLanguageModel
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
-from ..backend import Conversation, GenerationResult, SamplingParams
-from ..generation import generate_ids
+from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
+from ...runtime.scheduler import Scheduler
+from ..backend import Conversation, GenerationResult, SamplingParams, ScheduledBackend
 
 GATE_QUESTIONS = (
     "What is the capital of France?",
@@ -60,7 +62,7 @@ def _weights_version(module: torch.nn.Module) -> tuple:
     return (tuple(map(id, params)), sum(p._version for p in params))
 
 
-class OwnVLMBackend:
+class OwnVLMBackend(ScheduledBackend):
     def __init__(
         self,
         model: VisionLanguageModel,
@@ -73,6 +75,8 @@ class OwnVLMBackend:
         quality_threshold: float = 0.95,
         gate_conversations: Sequence[Conversation] | None = None,
     ):
+        super().__init__()
+        self._encode_lock = threading.Lock()
         self.model = model.eval()
         self.name = name
         cfg = model.cfg
@@ -87,7 +91,6 @@ class OwnVLMBackend:
         self.gate_conversations = list(gate_conversations) if gate_conversations is not None else None
         self.quality = None  # the quantized path's Agreement, once measured
         self.decoder_kind = None  # "fp32" or the quantization in use, once the scheduler exists
-        self._scheduler = None
         self._lm_version: tuple | None = None
         self._vision_version: tuple | None = None
         # sha256 of an image's encoded bytes -> its pixel fingerprint: a file, bytes or data URL seen
@@ -114,32 +117,38 @@ class OwnVLMBackend:
             return f"fusion {self.model.cfg.fusion!r}"
         return unsupported_reason(self.model.lm)
 
-    @property
-    def scheduler(self):
-        """The continuous-batching scheduler over the fast decoder (built on first use, rebuilt when
-        the LM's weights change)."""
-        from ...runtime.fast_decode import FastLM
-        from ...runtime.scheduler import Scheduler
+    def _scheduler_stale(self) -> bool:
+        # the lean decoders keep packed copies of the LM's weights: new weights need a new decoder
+        return self._lm_version is not None and _weights_version(self.model.lm) != self._lm_version
 
-        version = _weights_version(self.model.lm)
-        if self._scheduler is None or version != self._lm_version:
-            if self._scheduler is not None and self._scheduler.has_work:
-                raise RuntimeError("the language model's weights changed while requests were running")
-            self.prefix_cache.clear()
-            decoder = self._quantized_decoder() if self.quantize else None
-            self.decoder_kind = self.quantize if decoder is not None else "fp32"
-            if decoder is None:
-                decoder = FastLM(self.model.lm, max_batch=self.max_batch)
-            self._scheduler = Scheduler(
-                decoder,
-                self.model.embed,
-                self.model.tokenizer,
-                self.stop_ids,
-                image_token_id=self.model.cfg.image_token_id,
-                prefix_cache=self.prefix_cache,
-            )
-            self._lm_version = version
-        return self._scheduler
+    def _build_scheduler(self) -> Scheduler:
+        """The scheduler over the fast decoder when it reproduces the model, else the reference one."""
+        from ...runtime.fast_decode import FastLM
+
+        self.prefix_cache.clear()
+        if self.fast_path_reason() is not None:
+            self.decoder_kind, self._lm_version = "reference", None
+            return self._scheduler_over(ReferenceDecoder(self.model, max_batch=self.max_batch))
+        self._lm_version = _weights_version(self.model.lm)
+        decoder = self._quantized_decoder() if self.quantize else None
+        self.decoder_kind = self.quantize if decoder is not None else "fp32"
+        if decoder is None:
+            decoder = FastLM(self.model.lm, max_batch=self.max_batch)
+        return self._scheduler_over(EmbeddingDecoder(decoder, self._embed_prompt), self.prefix_cache)
+
+    def _scheduler_over(self, decoder, prefix_cache=None) -> Scheduler:
+        return Scheduler(
+            decoder,
+            self.model.tokenizer,
+            self.stop_ids,
+            image_token_id=self.model.cfg.image_token_id,
+            prefix_cache=prefix_cache,
+        )
+
+    def _embed_prompt(self, prompt: Prompt) -> torch.Tensor:
+        """[T, D] input embeddings of a prompt, image tokens fused."""
+        with torch.inference_mode():
+            return self.model.embed(torch.tensor([prompt.ids], device=self.model.device), prompt.image_embeds)[0]
 
     def _quantized_decoder(self):
         """A LlamaCppLM that passed the quality gate, or None (with a warning) to stay on fp32."""
@@ -258,33 +267,16 @@ class OwnVLMBackend:
         embeds = [e for _, e, _ in reqs if e is not None]
         return [p for p, _, _ in reqs], (torch.cat(embeds) if embeds else None)
 
-    # -- generation -----------------------------------------------------------------------------
-    def submit(self, conversation: Conversation, params: SamplingParams, on_event: Callable | None = None):
-        """Queue one conversation on the scheduler; returns a RequestHandle (iterate it for text as
-        it is generated, `.cancel()` it, `.result()` for the whole answer)."""
-        reason = self.fast_path_reason()
-        if reason is not None:
-            raise RuntimeError(f"streaming needs the fast runtime, which cannot run this model: {reason}")
-        sched = self.scheduler
-        ((prompt, embeds, keys),) = self.encode_requests([conversation])
-        return sched.submit(prompt, params, image_embeds=embeds, image_keys=keys, on_event=on_event)
-
-    def stream(self, conversation: Conversation, params: SamplingParams):
-        """Text pieces of the reply as they are generated."""
-        return iter(self.submit(conversation, params))
+    def prompts(self, conversations: list[Conversation]) -> list[Prompt]:
+        with self._encode_lock:  # submitting threads share the caches and the digest map
+            return [Prompt(ids, embeds, tuple(keys)) for ids, embeds, keys in self.encode_requests(conversations)]
 
     def generate(
         self, conversations: list[Conversation], params: SamplingParams, use_cache: bool = True
     ) -> list[GenerationResult]:
-        if not conversations:
-            return []
-        if use_cache and self.fast_path_reason() is None:
-            sched = self.scheduler
-            handles = [
-                sched.submit(p, params, image_embeds=e, image_keys=k) for p, e, k in self.encode_requests(conversations)
-            ]
-            return [h.result() for h in handles]
-        prompts, embeds = self.encode_prompts(conversations)
-        return generate_ids(
-            self.model, prompts, embeds, params, self.stop_ids, self.model.tokenizer, use_cache=use_cache
-        )
+        """One reply per conversation; `use_cache=False` runs the reference decoder without a KV cache
+        (every step re-reads the whole sequence: the check that caching changes nothing)."""
+        if use_cache:
+            return super().generate(conversations, params)
+        sched = self._scheduler_over(ReferenceDecoder(self.model, max_batch=self.max_batch, use_cache=False))
+        return [h.result() for h in [sched.submit(p, params) for p in self.prompts(conversations)]]
