@@ -26,10 +26,10 @@ from visprompt.engine.backends.starter import (
     colour_name,
     dominant_colours,
     is_describe_request,
-    join_prefix,
 )
 from visprompt.errors import ModelNotFoundError, VispromptError
 from visprompt.models.efficientnet_lite import EfficientNetLiteEncoder, imagenet_labels
+from visprompt.runtime.sequence import join_prefix
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 

