@@ -159,11 +159,12 @@ class Scheduler:
         decoder: the sequences' KV state and forward steps.
         tokenizer: decodes replies (incrementally, see `DecodeSequence`).
         stop_ids: token ids that end a reply.
-        image_token_id: the image placeholder id; never sampled, and the prefix cache compares image
-            tokens by their image's fingerprint.
+        image_token_id: the image placeholder id: the prefix cache compares image tokens by their
+            image's fingerprint.
         prefix_cache: reused prompt KV (only with a decoder that exports it).
         max_batch: at most this many sequences decode together (and the decoder's own limit).
-        banned_ids: further ids never sampled.
+        banned_ids: ids never sampled (a model trained with image placeholders bans them: a generated
+            token is text, and a placeholder would read as an image slot).
     """
 
     def __init__(
@@ -182,8 +183,7 @@ class Scheduler:
         self.image_token_id = image_token_id
         self.prefix_cache = prefix_cache if decoder.supports_kv_export else None
         self.max_batch = min(max_batch or decoder.max_batch, decoder.max_batch)
-        banned = {int(t) for t in banned_ids} | ({image_token_id} if image_token_id >= 0 else set())
-        self._banned = torch.tensor(sorted(banned), dtype=torch.long) if banned else None
+        self._banned = torch.tensor(sorted({int(t) for t in banned_ids}), dtype=torch.long) if banned_ids else None
         self._ids = itertools.count()
         self._waiting: list[tuple[_Request, RequestHandle]] = []
         self._running: list[tuple[_Request, RequestHandle]] = []
@@ -416,7 +416,7 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
         logits = logits.float()
-        if self._banned is not None:  # a generated token is text: image placeholders are never sampled
+        if self._banned is not None:
             logits = logits.index_fill(-1, self._banned.to(logits.device), float("-inf"))
         out: list[int | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]

@@ -5,35 +5,37 @@
     for delta in backend.stream(conversation, SamplingParams()):
         print(delta, end="")
 
-The model and processor come from `AutoModelForImageTextToText` / `AutoProcessor`. The decode loop is
-our own (not `model.generate`): one prefill with the pixel inputs, then one token per step through the
-model's KV cache, with positions and inputs prepared by the model's own generation hooks
-(`prepare_inputs_for_generation`, and the position-id preparation transformers' `generate` uses, which
-is where Qwen2-VL computes its M-RoPE positions and `rope_deltas`). Greedy output therefore equals
-`model.generate(do_sample=False)` token for token, batched with left padding.
+The model and processor come from `AutoModelForImageTextToText` / `AutoProcessor`. Generation runs
+under the runtime's scheduler like every backend (continuous batching, streaming, cancellation, any
+number of submitting threads). When the language model is Llama/Mistral/Qwen2-shaped (LLaVA,
+LLaVA-NeXT, Idefics3/SmolVLM) it decodes on the lean fp32 decoder with the image-feature and prefix
+caches, the vision tower and connector still running through transformers; otherwise (Qwen2-VL's
+M-RoPE, other architectures; `fast_path_reason()` says why) through transformers' own forward and
+generation hooks (engine/backends/hf_decoders.py). Either way greedy output equals
+`model.generate(do_sample=False)` token for token.
 
 A hub id is only read from the local Hugging Face cache: this backend never downloads (the hub is often
 unreachable where visprompt runs); `visprompt pull ID` or `allow_download=True` fetches it first.
-
-Not thread-safe: Qwen2-VL keeps `rope_deltas` on the model between steps, so one backend object runs
-one generation at a time (callers that serve requests should serialise calls, or batch them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...errors import ModelNotFoundError, VispromptError
-from ...runtime.sampling import choose_next_tokens, make_generator
-from ...runtime.sequence import find_stop
-from ..backend import Conversation, GenerationResult, SamplingParams, iter_parts
+from ...images import image_fingerprint
+from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
+from ...runtime.decoder import EmbeddingDecoder, Prompt
+from ...runtime.scheduler import Scheduler
+from ..backend import Conversation, ScheduledBackend, iter_parts
+from .hf_decoders import HFGenerationDecoder, LanguageModelView, capture_input_embeds
 
 __all__ = ["HFVLMBackend", "is_hf_vlm_folder", "load_processor", "resolve_hf_ref"]
 
@@ -290,11 +292,27 @@ def _load_image(src: Any):
 # ------------------------------------------------------------------------------------------ backend
 
 
-class HFVLMBackend:
+class HFVLMBackend(ScheduledBackend):
     """A transformers image-text-to-text model behind the Backend protocol."""
 
-    def __init__(self, model, processor, name: str = "hf-vlm"):
+    def __init__(
+        self,
+        model,
+        processor,
+        name: str = "hf-vlm",
+        fast: bool = True,
+        max_batch: int = 16,
+        image_cache_bytes: int = 64 * MiB,
+        prefix_cache_bytes: int = 256 * MiB,
+    ):
+        super().__init__()
         self.model = model.eval()
+        self.fast = fast
+        self.max_batch = max_batch
+        self.image_cache = ImageFeatureCache(image_cache_bytes)
+        self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
+        image_token = getattr(model.config, "image_token_id", None)
+        self.image_token_id = int(image_token) if image_token is not None else None
         self.processor = processor
         self.name = name
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -303,9 +321,7 @@ class HFVLMBackend:
         eos = getattr(gen_cfg, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        self.eos_ids: list[int] = sorted(
-            {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-        )
+        self.eos_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
         pad = getattr(gen_cfg, "pad_token_id", None)
         if pad is None:
             pad = self.tokenizer.pad_token_id
@@ -325,8 +341,10 @@ class HFVLMBackend:
         cache_dir: str | os.PathLike | None = None,
         revision: str | None = None,
         allow_download: bool = False,
+        **kwargs,
     ) -> HFVLMBackend:
-        """Load a local folder or a cached hub id. Never downloads unless `allow_download`."""
+        """Load a local folder or a cached hub id. Never downloads unless `allow_download`. Other
+        keyword arguments go to the constructor (fast, max_batch, cache sizes)."""
         from transformers import AutoModelForImageTextToText
 
         name = os.fspath(ref)
@@ -335,7 +353,18 @@ class HFVLMBackend:
         processor = load_processor(folder)
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
         model.to(device)
-        return cls(model, processor, name=name)
+        return cls(model, processor, name=name, **kwargs)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Token ids that end a reply (the generation config's EOS ids); settable."""
+        return self._eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids) -> None:
+        self._eos_ids = sorted({int(t) for t in ids})
+        if self._scheduler is not None:  # requests submitted from now on stop at the new ids
+            self._scheduler.stop_ids = frozenset(self._eos_ids)
 
     @property
     def device(self) -> torch.device:
@@ -357,12 +386,14 @@ class HFVLMBackend:
             sources.append(srcs)
         return texts, sources
 
-    def prepare_inputs(self, conversations: list[Conversation]):
+    def prepare_inputs(self, conversations: list[Conversation]) -> dict[str, Any]:
         """Processor output (input_ids, attention_mask, pixel inputs...) for a left-padded batch; the same
         inputs `model.generate(**inputs)` would take."""
         texts, sources = self.prompt_texts(conversations)
         images = [_load_image(s) for srcs in sources for s in srcs]
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        return self._tensors(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
+
+    def _tensors(self, inputs) -> dict[str, Any]:
         out = {}
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor):
@@ -372,163 +403,68 @@ class HFVLMBackend:
             out[k] = v
         return out
 
+    def prompts(self, conversations: list[Conversation]) -> list[Prompt]:
+        """Each conversation through the processor on its own (no padding): its token ids, its
+        processor inputs, and its images' fingerprints (the caches tell images apart by them)."""
+        texts, sources = self.prompt_texts(conversations)
+        out = []
+        for text, srcs in zip(texts, sources):
+            images = [_load_image(s) for s in srcs]
+            inputs = self._tensors(self.processor(text=[text], images=images or None, return_tensors="pt"))
+            keys = [image_fingerprint(im) for im in images]
+            # one key for all the prompt's images: their token runs may differ in length
+            key = (hashlib.sha256("|".join(keys).encode()).hexdigest(),) if keys else ()
+            out.append(Prompt(inputs["input_ids"][0].tolist(), image_keys=key, inputs=inputs))
+        return out
+
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[GenerationResult]:
-        if not conversations:
-            return []
-        inputs = self.prepare_inputs(conversations)
-        states = None
-        for states in self._decode(inputs, params, track_text=bool(params.stop)):
-            pass
-        return [s.result() for s in states]
+    def fast_path_reason(self) -> str | None:
+        """None when the lean decoder runs this model's language model; otherwise why not (the model
+        then decodes through transformers' own forward)."""
+        from ...runtime.fast_decode import unsupported_reason
 
-    def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
-        """Text deltas of one conversation as they are decoded; `"".join` of them equals
-        `generate([conversation], params)[0].text`. The generator's return value (`yield from`,
-        or StopIteration.value) is the GenerationResult."""
-        inputs = self.prepare_inputs([conversation])
-        state = None
-        for (state,) in self._decode(inputs, params, track_text=True):
-            delta = state.take_delta()
-            if delta:
-                yield delta
-        return state.result()
+        if not self.fast:
+            return "disabled (fast=False)"
+        if self.model.device.type != "cpu" or self.model.dtype != torch.float32:
+            return "the lean decoder runs fp32 on the CPU"
+        try:
+            view = LanguageModelView(self.model)
+        except (AttributeError, NotImplementedError, TypeError) as exc:
+            return f"no separate language model to run ({exc})"
+        if self.image_token_id is None:
+            return "the model config names no image token id"
+        return unsupported_reason(view)
 
-    @torch.inference_mode()
-    def _decode(self, inputs: dict, params: SamplingParams, track_text: bool = True) -> Iterator[list[_SeqState]]:
-        """The decode loop: prefill, then one token per step for every unfinished row. Yields the row
-        states after each step. `track_text` decodes the text every step (for stop strings, streaming)."""
-        model = self.model
-        kwargs = dict(inputs)
-        input_ids = kwargs.pop("input_ids")
-        batch = input_ids.shape[0]
-        attn = kwargs.get("attention_mask")
-        prompt_lens = (attn.sum(-1) if attn is not None else torch.full((batch,), input_ids.shape[1])).tolist()
-        states = [_SeqState(self.tokenizer, params, int(n), track_text) for n in prompt_lens]
-        generator = make_generator(params, device=input_ids.device)
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=input_ids.device)
+    def _build_scheduler(self) -> Scheduler:
+        from ...runtime.fast_decode import FastLM
 
-        forward_params = set(inspect.signature(model.forward).parameters)
-        cache_key = "cache" if "cache" in forward_params else "past_key_values"
-        if attn is None:
-            kwargs["attention_mask"] = torch.ones_like(input_ids)
-        # Positions: the same preparation `generate` does (left padding shifts them; Qwen2-VL builds its
-        # M-RoPE positions and rope_deltas here).
-        if "position_ids" in forward_params and hasattr(model, "_prepare_position_ids_for_generation"):
-            kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
-        if bool((kwargs["attention_mask"] == 1).all()):
-            kwargs["attention_mask"] = None  # as generate does: no padding, no mask
-        prep_params = inspect.signature(model.prepare_inputs_for_generation).parameters
-        uses_cache_position = "cache_position" in prep_params
-        first_kw = {"is_first_iteration": True} if "is_first_iteration" in prep_params else {}
-        step_kw = {"next_sequence_length": 1} if "next_sequence_length" in prep_params else {}
-        if uses_cache_position:  # transformers 4.x: no position preparation above, positions from here
-            kwargs["cache_position"] = torch.arange(input_ids.shape[1], device=input_ids.device)
-        if "logits_to_keep" in forward_params:
-            kwargs["logits_to_keep"] = 1
-        kwargs["use_cache"] = True
-
-        model_inputs = model.prepare_inputs_for_generation(input_ids, **first_kw, **kwargs)
-        out = model(**model_inputs, return_dict=True)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for step in range(params.max_new_tokens):
-            kwargs = _advance(out, kwargs, cache_key)
-            logits = out.logits[:, -1].float()
-            nxt = choose_next_tokens(logits, params, generator)
-            nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
-            hit_eos = torch.isin(nxt, eos) & ~finished
-            last = step == params.max_new_tokens - 1
-            for i, st in enumerate(states):
-                if st.done:
-                    continue
-                st.add(int(nxt[i]), is_eos=bool(hit_eos[i]), last=last)
-                if st.done:
-                    finished[i] = True
-            yield states
-            if bool(finished.all()) or last:
-                return
-            input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
-            if uses_cache_position:
-                kwargs["cache_position"] = kwargs["cache_position"][-1:] + 1
-            model_inputs = model.prepare_inputs_for_generation(input_ids, **step_kw, **kwargs)
-            out = model(**model_inputs, return_dict=True)
-
-
-def _advance(outputs, kwargs: dict, cache_key: str) -> dict:
-    """Extend the per-step model kwargs by one token, the way transformers' generate does."""
-    for key in ("cache", "past_key_values"):  # transformers 5.x, 4.x
-        if key in outputs:
-            kwargs[cache_key] = outputs[key]
-            break
-    if (tt := kwargs.get("token_type_ids")) is not None:
-        kwargs["token_type_ids"] = torch.cat([tt, tt[:, -1:]], dim=-1)
-    if (mm := kwargs.get("mm_token_type_ids")) is not None:
-        kwargs["mm_token_type_ids"] = torch.cat([mm, mm.new_zeros((mm.shape[0], 1))], dim=-1)
-    if (pos := kwargs.get("position_ids")) is not None:
-        kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
-    if (mask := kwargs.get("attention_mask")) is not None:
-        kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-    return kwargs
-
-
-class _SeqState:
-    """One row of a batch: its tokens, decoded text, stop checks and streamed position."""
-
-    def __init__(self, tokenizer, params: SamplingParams, prompt_tokens: int, track_text: bool = True):
-        self.tokenizer = tokenizer
-        self.stops = [s for s in params.stop if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.prompt_tokens = prompt_tokens
-        self.ids: list[int] = []
-        self.text = ""
-        self.done = False
-        self.finish_reason = "length"
-        self.sent = 0  # characters of text already streamed
-        self.track_text = track_text
-        self.eos_hit = False
-
-    def add(self, token: int, *, is_eos: bool, last: bool) -> None:
-        self.ids.append(token)
-        if is_eos:
-            self.done, self.finish_reason, self.eos_hit = True, "stop", True
-            return
-        if not self.track_text:
-            self.done = last
-            return
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stops:
-            # The whole text: decoding can change earlier characters (a multi-byte character completes),
-            # and the earliest match is the one to cut at. Cheap next to a forward pass.
-            at = find_stop(self.text, self.stops)
-            if at != -1:
-                self.text = self.text[:at]
-                self.done, self.finish_reason = True, "stop"
-                return
-        if last:
-            self.done = True
-
-    def take_delta(self) -> str:
-        """New text that is safe to show: not the start of a stop string, not a half UTF-8 character."""
-        end = len(self.text)
-        if not self.done:
-            end -= self.hold
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
-        if end <= self.sent:
-            return ""
-        delta = self.text[self.sent : end]
-        self.sent = end
-        return delta
-
-    def result(self) -> GenerationResult:
-        if not self.track_text:
-            shown = self.ids[:-1] if self.eos_hit else self.ids
-            self.text = self.tokenizer.decode(shown, skip_special_tokens=True)
-        return GenerationResult(
-            text=self.text,
-            finish_reason=self.finish_reason,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=len(self.ids),
-            token_ids=list(self.ids),
+        self.prefix_cache.clear()
+        self.image_cache.clear()
+        if self.fast_path_reason() is None:
+            decoder = EmbeddingDecoder(FastLM(LanguageModelView(self.model), max_batch=self.max_batch), self._embed)
+            prefix_cache = self.prefix_cache
+        else:
+            decoder, prefix_cache = HFGenerationDecoder(self.model, max_batch=self.max_batch), None
+        return Scheduler(
+            decoder,
+            self.tokenizer,
+            self.eos_ids,
+            image_token_id=self.image_token_id if self.image_token_id is not None else -1,
+            prefix_cache=prefix_cache,
         )
+
+    def _embed(self, prompt: Prompt) -> torch.Tensor:
+        """[T, D] input embeddings of a prompt: the image features from the cache when these images
+        were seen before (the vision tower does not run), else from the model's own forward."""
+        ids = torch.tensor(prompt.ids, device=self.device)
+        is_image = ids == self.image_token_id
+        feats = self.image_cache.get(prompt.image_keys) if prompt.image_keys else None
+        if feats is not None and feats.shape[0] == int(is_image.sum()):
+            with torch.inference_mode():
+                embeds = self.model.get_input_embeddings()(ids)  # [T, D]
+                return embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
+        embeds = capture_input_embeds(self.model, prompt.inputs)[0]  # [T, D]
+        if prompt.image_keys:
+            self.image_cache.put(prompt.image_keys, embeds[is_image])
+        return embeds

@@ -143,6 +143,7 @@ class OwnVLMBackend(ScheduledBackend):
             self.stop_ids,
             image_token_id=self.model.cfg.image_token_id,
             prefix_cache=prefix_cache,
+            banned_ids=[self.model.cfg.image_token_id],  # never generate an image slot
         )
 
     def _embed_prompt(self, prompt: Prompt) -> torch.Tensor:
