@@ -370,3 +370,37 @@ WRITERS = {
     "idefics3": write_idefics3,
     "smolvlm": write_smolvlm,
 }
+
+
+def make_tiny_starter():
+    """The starter backend over random stand-ins: an untrained EfficientNet-Lite0 and a tiny Llama
+    with a ChatML template (its weights spread wide, so greedy decoding varies token to token)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from visprompt.engine.backends.starter import StarterBackend
+    from visprompt.models.efficientnet_lite import EfficientNetLiteEncoder
+
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = make_tokenizer(["<|im_start|>"], chat_template=template)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    lm = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.4)
+    lm.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    encoder = EfficientNetLiteEncoder(EfficientNet.from_name("efficientnet-lite0"))
+    return StarterBackend(encoder=encoder, lm=lm, tokenizer=tok)

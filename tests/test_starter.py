@@ -181,33 +181,9 @@ def test_missing_package_surfaces_from_the_backend(monkeypatch):
 def tiny_backend():
     """Random-weight stand-ins: an untrained EfficientNet-Lite0 and a tiny Llama with a ChatML template."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    from efficientnet_lite_pytorch import EfficientNet
-    from hf_tiny import make_tokenizer
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from hf_tiny import make_tiny_starter
 
-    template = (
-        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    tok = make_tokenizer(["<|im_start|>"], chat_template=template)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    lm = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in lm.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.4)  # wide spread: greedy decoding varies token to token
-    lm.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    encoder = EfficientNetLiteEncoder(EfficientNet.from_name("efficientnet-lite0"))
-    return StarterBackend(encoder=encoder, lm=lm, tokenizer=tok)
+    return make_tiny_starter()
 
 
 def test_backend_bookkeeping_with_tiny_models(tiny_backend):

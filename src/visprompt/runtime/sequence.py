@@ -16,7 +16,8 @@ A `DecodeSequence` takes the sampled tokens one at a time and owns every rule ab
 
 An optional `answer_prefix` is text the prompt already began the answer with (the `starter` backend
 writes "The photo most likely shows"): it leads the reply, joined to the generated continuation by
-one space unless the continuation starts with whitespace or punctuation.
+one space unless the continuation starts with whitespace or punctuation. Stop strings are searched
+in the whole reply, the begun answer included.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class DecodeSequence:
         self.finish_reason: str | None = None
         self.hit_stop_token = False
         self._raw = ""  # the continuation's text so far (grows only)
-        self._cut: int | None = None  # where a stop string begins in _raw
+        self._cut: int | None = None  # where a stop string begins in the joined text
+        self._searched = 0  # how much of the joined text has been searched for stop strings
         self._prefix_offset = 0  # incremental detokenization window (as TGI and vLLM do it)
         self._read_offset = 0
         self._emitted = ""  # what the stream has shown
@@ -125,15 +127,9 @@ class DecodeSequence:
             self.hit_stop_token = True
             return self.finish("stop")
         self.token_ids.append(token)
-        before = len(self._raw)
         self._detokenize()
-        if self.stops and len(self._raw) > before:
-            # a stop string ending in the new text starts at most len(stop) - 1 characters before it
-            hold = max(len(s) for s in self.stops) - 1
-            at = find_stop(self._raw, self.stops, max(0, before - hold))
-            if at != -1:
-                self._cut = at
-                return self.finish("stop")
+        if self.stops and self._find_stop():
+            return self.finish("stop")
         if len(self.token_ids) >= self.params.max_new_tokens:
             return self.finish("length")
         if self.max_len is not None and self.prompt_tokens + len(self.token_ids) >= self.max_len:
@@ -183,13 +179,30 @@ class DecodeSequence:
                 self._raw += new_text[len(prefix_text) :]
             self._read_offset = len(self.token_ids)
             if self.stops:
-                at = find_stop(self._raw, self.stops)
-                if at != -1:
-                    self._cut = at
+                self._find_stop()
+
+    def _joined(self) -> str:
+        """The begun answer and the continuation. It only ever grows at its end (the joining space
+        is decided by the continuation's first character), so stop positions in it stay valid."""
+        return join_prefix(self.answer_prefix, self._raw)
+
+    def _find_stop(self) -> bool:
+        """Search the text not yet searched (and the tail a stop string may have begun in) for a stop
+        string; on a match, cut there. Stop strings are searched in the whole reply, the begun answer
+        included: a stop string never appears in the text."""
+        joined = self._joined()
+        if len(joined) <= self._searched and self._searched:
+            return False
+        hold = max(len(s) for s in self.stops) - 1
+        at = find_stop(joined, self.stops, max(0, self._searched - hold))
+        self._searched = len(joined)
+        if at != -1:
+            self._cut = at
+        return at != -1
 
     def _visible(self) -> str:
-        raw = self._raw if self._cut is None else self._raw[: self._cut]
-        return join_prefix(self.answer_prefix, raw).lstrip()
+        joined = self._joined()
+        return (joined if self._cut is None else joined[: self._cut]).lstrip()
 
     def _safe_end(self) -> int:
         """How much of the visible text may be shown while the reply goes on."""
