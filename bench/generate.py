@@ -71,6 +71,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_name() -> str:
+    """The CPU and the instruction sets the runtime can use on it."""
+    try:
+        from visprompt.runtime.cpu_kernels import cpu_summary
+
+        return cpu_summary()
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 
@@ -98,7 +115,6 @@ def matvec_bandwidth(n: int = 8192, reps: int = 20) -> float:
             t = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - t)
-    del w, blocks, panels
     return n * n * 4 / best / 1e9
 
 
@@ -256,6 +272,69 @@ def measure_transformers(model, backend, n_new, reps, batches):
         lm.generation_config.eos_token_id = saved_eos
 
 
+def measure_pretrained_vlm(folder, n_new, reps):
+    """A pretrained transformers VLM (the SmolVLM-shaped checkpoint): HFVLMBackend on the lean decoder
+    against transformers' `generate` on the same checkpoint, batch 1, the same photo and question."""
+    from visprompt.engine.backend import SamplingParams
+    from visprompt.engine.backends.hf_vlm import HFVLMBackend
+
+    backend = HFVLMBackend.from_pretrained(folder, max_batch=4)
+    backend.eos_ids = []  # EOS ignored: both decode exactly n_new tokens
+    model = backend.model
+    model.generation_config.eos_token_id = None
+    c = conv(QUESTIONS[0])
+
+    def ours(n):
+        backend.image_cache.clear()
+        backend.prefix_cache.clear()
+        t0 = time.perf_counter()
+        h = backend.submit(c, SamplingParams(max_new_tokens=n))
+        first = None
+        for _ev in h.events():
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        return first - t0, (n - 1) / (end - first) if n > 1 else None, h.result().token_ids
+
+    def theirs(n):
+        t0 = time.perf_counter()
+        inputs = backend.prepare_inputs([c])
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=n)
+        return time.perf_counter() - t0, out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    ours(4), theirs(2)  # warm-up (the scheduler and the lean decoder are built here)
+    rows = {"ours": {"ttft": [], "dec": []}, "hf": {"ttft": [], "dec": []}}
+    tokens = ref = None
+    for _ in range(reps):  # alternate the engines round by round
+        t, d, tokens = ours(n_new)
+        rows["ours"]["ttft"].append(t)
+        rows["ours"]["dec"].append(d)
+        t1, _ = theirs(1)
+        tn, ref = theirs(n_new)
+        rows["hf"]["ttft"].append(t1)
+        rows["hf"]["dec"].append((n_new - 1) / (tn - t1))
+    # a new question about the same photo: its features come from the image-feature cache
+    h = backend.submit(conv(QUESTIONS[1]), SamplingParams(max_new_tokens=2))
+    t0 = time.perf_counter()
+    next(iter(h.events()))
+    follow = time.perf_counter() - t0
+    h.result()
+    cfg = model.config
+    return {
+        "checkpoint": (
+            f"{type(model).__name__}: SigLIP tower ({cfg.vision_config.num_hidden_layers} layers, "
+            f"{cfg.vision_config.image_size} px, random) + SmolLM2-135M-Instruct (real weights)"
+        ),
+        "prompt_tokens": len(backend.prompts([c])[0].ids),
+        "fast_path_reason": backend.fast_path_reason(),
+        "ours": {"ttft_s": median(rows["ours"]["ttft"]), "decode_tok_s": median(rows["ours"]["dec"])},
+        "transformers": {"ttft_s": median(rows["hf"]["ttft"]), "decode_tok_s": median(rows["hf"]["dec"])},
+        "followup_new_question_ttft_s": follow,
+        "greedy_identical": tokens == ref,
+    }
+
+
 def gate_prompts(model, backend):
 
     convs = [
@@ -278,6 +357,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "generate.json"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "runtime.md"))
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument(
+        "--vlm-folder",
+        default="/tmp/visprompt-bench/smolvlm-shaped",
+        help="the SmolVLM-shaped checkpoint (written there by bench/smolvlm_shaped.py when missing)",
+    )
+    ap.add_argument("--no-vlm", action="store_true", help="skip the pretrained-VLM row")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -286,6 +371,7 @@ def main(argv=None) -> int:
     from visprompt.models.config import VLMConfig
     from visprompt.models.gguf import packaged_smollm2_path
     from visprompt.models.vision_language_model import VisionLanguageModel
+    from visprompt.runtime.decoder import EmbeddingDecoder
     from visprompt.runtime.fast_decode import FastLM
     from visprompt.runtime.quantized import LlamaCppLM, agreement, cached_gguf, greedy_tokens, llama_cpp_available
     from visprompt.runtime.scheduler import Scheduler
@@ -304,7 +390,7 @@ def main(argv=None) -> int:
         "command": "flock /tmp/visprompt-cpu.lock python bench/generate.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "threads": args.threads,
             "torch": torch.__version__,
             "matvec_gb_s": bw,
@@ -338,6 +424,7 @@ def main(argv=None) -> int:
 
     print("visprompt fp32 (FastLM + scheduler + caches) ...", flush=True)
     sched = backend.scheduler
+    report["machine"]["kernel_plan"] = getattr(sched.decoder.inner, "kernel_plan", "C++ layer kernel for every step")
     ours = measure_scheduler(
         "visprompt fp32 (lean decoder, continuous batching, caches)",
         sched,
@@ -399,11 +486,15 @@ def main(argv=None) -> int:
         del ref
         folder, name = packaged_smollm2_path()
         targets.append(("llama.cpp packaged Q4_1 GGUF (peer) + scheduler", Path(folder) / name, "q4_1-packaged", False))
-        for label, path, q, fa in targets:
+        for label, path, _q, fa in targets:
             print(label, "...", flush=True)
             dec = LlamaCppLM(path, max_batch=max(batches), ctx_per_seq=512, n_threads=args.threads, flash_attn=fa)
             qs = Scheduler(
-                dec, model.embed, model.tokenizer, [], image_token_id=model.cfg.image_token_id, prefix_cache=None
+                EmbeddingDecoder(dec, backend._embed_prompt),
+                model.tokenizer,
+                [],
+                image_token_id=model.cfg.image_token_id,
+                prefix_cache=None,
             )
             res = measure_scheduler(label, qs, backend, n_new, args.reps, batches, clear, follow_up=True)
             ag = agreement(None, dec, prompts, n_tokens=args.gate_tokens, reference_tokens=ref_tokens)
@@ -420,6 +511,14 @@ def main(argv=None) -> int:
             dec.close()
     elif quants:
         report["llama_cpp"] = "not installed (pip install llama-cpp-python): quantized rows skipped"
+
+    if not args.no_vlm:
+        from smolvlm_shaped import write_smolvlm_shaped
+
+        print("pretrained VLM (SmolVLM-shaped): visprompt vs transformers generate ...", flush=True)
+        del sched
+        backend.close()
+        report["pretrained_vlm"] = measure_pretrained_vlm(write_smolvlm_shaped(args.vlm_folder), n_new, args.reps)
 
     report["peak_rss_mb"] = peak_rss_mb()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -439,7 +538,8 @@ def markdown(report, hf) -> str:
     lines = [
         f"Command: `{report['command'].strip()}`",
         "",
-        f"Machine: {report['machine']['threads']} threads, torch {report['machine']['torch']}, fp32 mat-vec "
+        f"Machine: {report['machine']['cpu']}; kernels chosen: {report['machine']['kernel_plan']}; "
+        f"{report['machine']['threads']} threads, torch {report['machine']['torch']}, fp32 mat-vec "
         f"{report['machine']['matvec_gb_s']:.1f} GB/s (best of one F.linear, per-thread column blocks and visprompt's kernel on 16-column panels; 8192² fp32, measured in the run). Workload: {report['workload']['prompt_tokens']}-token prompt "
         f"({report['workload']['image_tokens']} image tokens), {report['workload']['new_tokens']} new tokens, greedy, EOS ignored.",
         "",
@@ -484,6 +584,21 @@ def markdown(report, hf) -> str:
     )
     if "llama_cpp" in report:
         lines.append(f"llama.cpp: {report['llama_cpp']}.")
+    vlm = report.get("pretrained_vlm")
+    if vlm:
+        ours, hf_row = vlm["ours"], vlm["transformers"]
+        lines += [
+            "",
+            f"Pretrained VLM, batch 1: {vlm['checkpoint']}; {vlm['prompt_tokens']}-token prompt, "
+            f"{report['workload']['new_tokens']} new tokens, greedy, EOS ignored; first token includes the processor and the vision tower.",
+            "",
+            "| engine | first token (s) | decode tok/s | × transformers | follow-up first token (s) | greedy |",
+            "|---|---|---|---|---|---|",
+            f"| transformers generate (fp32) | {fmt(hf_row['ttft_s'], '.3f')} | {fmt(hf_row['decode_tok_s'], '.1f')} | 1.0× | – | (reference) |",
+            f"| visprompt HFVLMBackend (lean decoder) | {fmt(ours['ttft_s'], '.3f')} | {fmt(ours['decode_tok_s'], '.1f')} | "
+            f"{fmt(ours['decode_tok_s'] / hf_row['decode_tok_s'], '.1f')}× | {fmt(vlm['followup_new_question_ttft_s'], '.3f')} | "
+            f"{'identical to transformers' if vlm['greedy_identical'] else 'DIFFERS from transformers'} |",
+        ]
     return "\n".join(lines) + "\n"
 
 

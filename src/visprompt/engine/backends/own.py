@@ -8,7 +8,7 @@ the fast path cannot reproduce the model (cross-attention or mixture fusion, an 
 than Llama/Mistral/Qwen2, adapters or hooks inside the LM) or when asked for (`fast=False`;
 `generate(..., use_cache=False)` re-reads the whole sequence every step).
 
-`quantize="q8_0" | "q4_1" | "q4_0"` runs the language model in llama.cpp instead (engine/quantized.py;
+`quantize="q8_0" | "q4_1" | "q4_0"` runs the language model in llama.cpp instead (runtime/quantized.py;
 needs llama-cpp-python), behind a quality gate: greedy agreement with the fp32 decoder on a fixed
 prompt set must reach `quality_threshold`, else the backend warns and stays on fp32. It is opt-in,
 because its output is close to fp32's, not equal.
