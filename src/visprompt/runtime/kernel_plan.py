@@ -30,8 +30,8 @@ ENV = "VISPROMPT_KERNEL_ROWS"
 LAYER_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 HEAD_GRID = (1, 2, 4, 8, 16)
 PREFIX = 64  # cached positions before the timed step (a decode or follow-up attends to some)
-BUDGET_S = 0.004  # timed calls per size and path: about this long, 1 to MAX_REPS calls
-MAX_REPS = 5
+BUDGET_S = 0.004  # timed calls per size and path: about this long, MIN_REPS to MAX_REPS calls
+MIN_REPS, MAX_REPS = 3, 5
 FORMAT = 1  # of the cached file; a change recalibrates
 
 
@@ -157,7 +157,7 @@ def time_pair(kernel_fn, other_fn, budget_s: float = BUDGET_S, max_reps: int = M
         t0 = time.perf_counter()
         fn()
         best[i] = time.perf_counter() - t0
-    reps = max(1, min(max_reps, int(budget_s / max(max(best), 1e-6))))
+    reps = max(MIN_REPS, min(max_reps, int(budget_s / max(max(best), 1e-6))))
     for _ in range(reps):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
