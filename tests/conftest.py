@@ -5,6 +5,9 @@ import torch
 
 # Two cores: keep each test process to one BLAS thread so parallel runs don't thrash.
 torch.set_num_threads(int(os.environ.get("VISPROMPT_TEST_THREADS", "1")))
+# A fixed kernel plan: no calibration timing inside tests, the same code paths on every machine
+# (tests/test_cpu_choice.py covers the calibrated plan).
+os.environ.setdefault("VISPROMPT_KERNEL_ROWS", "128")
 
 
 def image_conv(color, question, n_images=1):

@@ -14,7 +14,6 @@ from conftest import image_conv as conv
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.own import OwnVLMBackend
-from visprompt.runtime import fast_decode
 from visprompt.runtime.caches import ByteLRU, ImageFeatureCache, PrefixKVCache, token_keys
 from visprompt.runtime.fast_decode import FastLM, unsupported_reason
 
@@ -98,6 +97,7 @@ def tiny_llama_hd12():  # a head_dim the kernel's 8-wide vectors do not divide
 @pytest.mark.parametrize("packed,kernels", [(True, None), (False, None), (True, False), (False, False)])
 @pytest.mark.parametrize("make_lm", [tiny_llama, tiny_qwen2, tiny_llama_hd64, tiny_llama_hd12])
 def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, monkeypatch):
+    monkeypatch.setenv("VISPROMPT_KERNEL_ROWS", "128")  # the kernel takes every step below, until told otherwise
     lm = make_lm()
     dec = FastLM(
         lm, max_batch=3, initial_len=4, packed=packed, kernels=kernels
@@ -123,8 +123,8 @@ def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, mon
     assert dec.length(sa) == 18 and dec.length(sb) == 11
     dec.prefill(sb, emb(b)[0, 11:30])  # grows the buffer inside inference mode ...
     dec.truncate(sb, 11)
-    monkeypatch.setattr(fast_decode, "KERNEL_ROWS", 16)
-    long = torch.randint(0, 300, (1, 45))  # over KERNEL_ROWS: torch ops prefill, the kernel decodes on
+    dec.kernel_rows = 16
+    long = torch.randint(0, 300, (1, 45))  # over kernel_rows: torch ops prefill, the kernel decodes on
     with torch.no_grad():
         ref_long = lm(long).logits[0]
     sl = dec.new_sequence()
@@ -142,7 +142,7 @@ def test_fast_decoder_matches_transformers_forward(packed, kernels, make_lm, mon
     dec.import_kv(sc, kv)
     torch.testing.assert_close(dec.prefill(sc, emb(a)[0, 10:14]), ref_a[13], rtol=1e-4, atol=1e-4)
     sd = dec.new_sequence()  # several sequences prefilled together: a fresh one and one with a cached prefix
-    monkeypatch.setattr(fast_decode, "KERNEL_ROWS", 8)  # 6 + 3 rows: two kernel steps
+    dec.kernel_rows = 8  # 6 + 3 rows: two kernel steps
     both = dec.prefill_many([sd, sc], [emb(b)[0, :6], emb(a)[0, 14:17]])
     torch.testing.assert_close(both, torch.stack([ref_b[5], ref_a[16]]), rtol=1e-4, atol=1e-4)
     assert dec.length(sd) == 6 and dec.length(sc) == 17

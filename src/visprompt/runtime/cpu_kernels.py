@@ -1,27 +1,99 @@
 """The C++ layer kernel of the lean decoder (`csrc/llama_layer.cpp`), compiled on first use.
 
-torch's own extension builder compiles it for this machine's CPU (`-O3 -march=native`: AVX2/FMA
-where present, a plain loop elsewhere) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by
-default ~/.cache/torch_extensions); the first build takes ~30 s, later processes load it at once.
-It needs a C++ compiler and `ninja` (a dependency of this package). When either is missing, or
-`VISPROMPT_KERNELS=0` is set, `load()` returns None, `reason()` says why, and `FastLM` runs on
-torch ops alone (same tokens, ~2x slower at batch 1: bench/kernel_rows.py).
+torch's own extension builder compiles it for this machine's CPU with the flags `compile_flags()`
+picks from `cpu.cpu_info()`: `-O3 -fopenmp -march=native`, plus the vector extensions it found named
+explicitly (`-mavx2 -mfma`, `-mavx512f ...`), so an AVX-512 machine builds the AVX-512 micro-kernel
+and an AVX2 one the AVX2 micro-kernel (a CPU with neither gets plain loops). The build lands in
+torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions) under a
+name keyed by `build_key()`, a hash of the source, the compile flags, the CPU and the torch
+version: an edited source, other flags or another torch build anew instead of loading a stale
+library. The first build takes ~30 s, later processes load it at once.
+It needs a C++ compiler and `ninja` (a dependency of this package). When either is missing, the
+build fails, or `VISPROMPT_KERNELS=0` is set, `load()` returns None, `reason()` says why (with a
+warning, except when turned off), and `FastLM` runs on torch ops alone (same tokens, slower at a
+few rows: bench/kernel_rows.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import sys
 import threading
 import warnings
 from pathlib import Path
 
+from .cpu import CpuInfo, cpu_info
+
 SOURCE = Path(__file__).with_name("csrc") / "llama_layer.cpp"
+NAME = "visprompt_llama_layer"
 _lock = threading.Lock()
 _module = None
 _reason: str | None = None
 _tried = False
+
+
+def compile_flags(info: CpuInfo | None = None) -> list[str]:
+    """The C++ flags the kernel is built with on `info` (this machine's CPU by default)."""
+    info = info or cpu_info()
+    # -fopenmp: ATen's parallel_for is a header template that is serial without it; the extension
+    # then binds to the libgomp torch already loaded (same soname), one thread pool
+    flags = ["-O3", "-fopenmp"]
+    arch = (info.arch or platform.machine()).lower()
+    if arch in ("x86_64", "amd64", "i686", "x86"):
+        flags.append("-march=native")
+        if info.has("avx2", "fma"):
+            flags += ["-mavx2", "-mfma"]
+        if info.has("avx512f"):
+            flags.append("-mavx512f")
+            flags += [f"-m{f}" for f in ("avx512bw", "avx512vl") if info.has(f)]
+    elif arch in ("aarch64", "arm64"):
+        flags.append("-mcpu=native")
+    return flags
+
+
+def build_key(
+    source: str | bytes | None = None,
+    flags: list[str] | None = None,
+    torch_version: str | None = None,
+    cpu: str | None = None,
+) -> str:
+    """12 hex digits naming one build: a hash of the kernel source, the compile flags, the CPU (the
+    code `-march=native` makes depends on it) and the torch version (its headers and ABI)."""
+    if source is None:
+        source = SOURCE.read_bytes()
+    if isinstance(source, str):
+        source = source.encode()
+    if flags is None:
+        flags = compile_flags()
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    if cpu is None:
+        cpu = cpu_info().summary()
+    h = hashlib.sha256(source)
+    for part in (" ".join(flags), torch_version, cpu, os.environ.get("CXX", "c++")):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:12]
+
+
+def compile_object(flags: list[str], out: str | Path) -> None:
+    """Compile the kernel source to an object file `out` with `flags` (no link, no load): checks that
+    code for another CPU (`-mavx512f` on an AVX2 machine) compiles. Raises CalledProcessError."""
+    import subprocess
+    import sysconfig
+
+    import torch
+    from torch.utils import cpp_extension
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-fPIC", "-c", str(SOURCE), "-o", str(out), *flags]
+    cmd += [f"-I{d}" for d in includes] + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={NAME}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 def _build():
@@ -36,24 +108,21 @@ def _build():
         import ninja  # noqa: F401
     except ImportError:
         return None, "the ninja package is not installed"
-    name = "visprompt_llama_layer"
+    flags = compile_flags()
+    name = f"{NAME}_{build_key(flags=flags)}"
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob(f"{name}*.so")):
             print(
-                "visprompt: compiling the decoder's C++ kernel for this CPU (once, ~30 s)", file=sys.stderr, flush=True
+                f"visprompt: compiling the decoder's C++ kernel for this CPU ({' '.join(flags)}; once, ~30 s)",
+                file=sys.stderr,
+                flush=True,
             )
     except Exception:  # only the notice depends on it
         pass
     try:
         module = cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            # -fopenmp: ATen's parallel_for is a header template that is serial without it; the
-            # extension then binds to the libgomp torch already loaded (same soname), one thread pool
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
+            name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
         )
     except Exception as exc:  # a compiler error must not stop generation: torch ops still work
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -62,7 +131,7 @@ def _build():
 
 
 def load():
-    """The compiled module (`layer_forward`, `head_forward`), or None (see `reason()`)."""
+    """The compiled module (`layer_forward`, `head_forward`, `simd`, ...), or None (see `reason()`)."""
     global _module, _reason, _tried
     if _tried:
         return _module
@@ -82,4 +151,4 @@ def reason() -> str | None:
     return _reason
 
 
-__all__ = ["load", "reason", "SOURCE"]
+__all__ = ["load", "reason", "SOURCE", "build_key", "compile_flags", "compile_object"]

@@ -2,11 +2,13 @@
 
 `FastLM` runs the transformer blocks of a transformers `LlamaForCausalLM` (or Mistral / Qwen2, which
 share the layout) without `Cache` objects, mask construction or per-token re-allocation. A step of up
-to `KERNEL_ROWS` rows (decoding, follow-up prefills, most prompts) runs each layer as one call of a
+to `kernel_rows` rows (decoding, follow-up prefills, short prompts) runs each layer as one call of a
 C++ kernel (`csrc/llama_layer.cpp` via `cpu_kernels.py`) that streams the weights from packed
-16-column panels; without a compiler, or for longer prefills, plain tensor ops run instead, reading
+16-column panels; without a compiler, or for longer steps, plain tensor ops run instead, reading
 decode-friendly packed copies (see `_Proj`: a transposed layout for one row, oneDNN's blocked layout
-for several). `packed=False` reads the modules' own tensors on either path. Norms, RoPE and
+for several). Where one path gives way to the other is chosen per CPU and model by a short,
+cached calibration (`kernel_plan.py`; `FastLM.kernel_plan` says what was chosen, and
+`VISPROMPT_KERNEL_ROWS` fixes it). `packed=False` reads the modules' own tensors on either path. Norms, RoPE and
 attention follow transformers op for op. The embedding and `lm_head` modules are still called as
 modules when they have hooks, so hooks on them keep firing.
 
@@ -67,12 +69,6 @@ def unsupported_reason(lm: nn.Module) -> str | None:
         if name.endswith("_proj") and type(module) is not nn.Linear:
             return f"{name} is a {type(module).__name__}, not a plain Linear"
     return None
-
-
-# Rows up to which a step runs on the C++ kernel, and lm_head on it; beyond, oneDNN's packed products
-# are as fast or faster (SmolLM2-135M, 2 threads: `python bench/kernel_rows.py`, docs/runtime.md).
-KERNEL_ROWS = 128
-HEAD_KERNEL_ROWS = 8
 
 
 def _kernel_reason(lm: nn.Module) -> str | None:
@@ -256,11 +252,13 @@ class FastLM:
         max_packed_bytes. Packed copies do not follow later weight updates: build a new FastLM
         (OwnVLMBackend does so when the weights' version counters change).
 
-        kernels: run each layer of a step of up to `KERNEL_ROWS` rows as one call of the C++ kernel
-        (`engine/cpu_kernels.py`; panel copies of the weights when packed, the modules' own tensors
+        kernels: run each layer of a step of up to `kernel_rows` rows as one call of the C++ kernel
+        (`runtime/cpu_kernels.py`; panel copies of the weights when packed, the modules' own tensors
         otherwise). The default uses it when it builds on this machine and fits the model (else
-        `kernel_reason` says why); True insists (ValueError if it cannot). With it on, the
-        transposed one-row copies are not kept (the kernel does that job)."""
+        `kernel_reason` says why); True insists (ValueError if it cannot). `kernel_rows` and
+        `head_kernel_rows` come from the CPU's kernel plan (`kernel_plan.py`: calibrated once per
+        CPU and model, cached on disk, or VISPROMPT_KERNEL_ROWS); `kernel_plan` describes it. The
+        transposed one-row copies are kept only where one row runs on torch ops."""
         reason = unsupported_reason(lm)
         if reason is not None:
             raise ValueError(f"FastLM cannot run this model: {reason}")
@@ -282,15 +280,6 @@ class FastLM:
         if packed is None:
             packed = _packed_bytes(lm) <= max_packed_bytes
         self.packed = bool(packed)
-        gemv = self.packed and self.kernel is None
-        self.layers = [_Layer(layer, gemv, self.packed) for layer in lm.model.layers]
-        self.head = _Proj([lm.lm_head], gemv, self.packed)
-        self.head_panels = None
-        if self.kernel is not None and self.packed:
-            for layer in self.layers:
-                layer.pack_panels(self.kernel)
-            with torch.no_grad():
-                self.head_panels = self.kernel.pack_panels(self.lm_head.weight.detach())
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -306,6 +295,19 @@ class FastLM:
         self.vocab = self.embed_tokens.num_embeddings
         self._nq = self.n_heads * self.head_dim
         self._nkv = self.n_kv * self.head_dim
+        self.plan = self._choose_plan()
+        self.kernel_rows = self.plan.layer_rows  # steps of up to this many rows run on the kernel
+        self.head_kernel_rows = self.plan.head_rows  # lm_head products of up to this many rows
+        self.layers = [_Layer(layer, self.packed and self.kernel_rows < 1, self.packed) for layer in lm.model.layers]
+        self.head = _Proj([lm.lm_head], self.packed and self.head_kernel_rows < 1, self.packed)
+        self.head_panels = None
+        if self.kernel is not None and self.packed:
+            if self.kernel_rows > 0:
+                for layer in self.layers:
+                    layer.pack_panels(self.kernel)
+            if self.head_kernel_rows > 0:
+                with torch.no_grad():
+                    self.head_panels = self.kernel.pack_panels(self.lm_head.weight.detach())
         # KV buffer and per-row bookkeeping (rows 0..n_active-1 are in use).
         self._len_cap = 0
         self._row_cap = 0
@@ -317,6 +319,97 @@ class FastLM:
         self._seq_at: list[int] = []
         self._next_id = 0
         self._reserve(1, min(initial_len, self.max_len))
+
+    # -- the kernel plan ---------------------------------------------------------------------------
+    @property
+    def kernel_plan(self) -> str:
+        """Which code runs which step here, e.g. "kernel ≤16 rows, oneDNN above; lm_head kernel ≤8 (avx512, cached)"."""
+        return self.plan.describe(self.kernel_rows, self.head_kernel_rows)
+
+    def _choose_plan(self):
+        from . import kernel_plan as kp
+
+        other = "oneDNN" if self.packed and torch.backends.mkldnn.is_available() else "torch ops"
+        if self.kernel is None:
+            return kp.KernelPlan(0, 0, "no kernel", other, note=self.kernel_reason or "")
+        simd = self.kernel.simd() if hasattr(self.kernel, "simd") else ""
+        rows = kp.env_rows()
+        if rows is not None:
+            return kp.KernelPlan(rows, rows, kp.ENV, other, simd)
+        from . import cpu_kernels
+        from .cpu import cpu_summary
+
+        cfg = self.lm.config
+        about = {
+            "cpu": cpu_summary(),
+            "kernel": cpu_kernels.build_key(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "packed": self.packed,
+            "other": other,
+            "shapes": [cfg.hidden_size, cfg.intermediate_size, self.n_heads, self.n_kv, self.head_dim, self.vocab],
+            "head_bias": self.lm_head.bias is not None,
+            "qkv_bias": self.lm.model.layers[0].self_attn.q_proj.bias is not None,
+        }
+        key = kp.plan_key(**about)
+        plan = kp.load_cached(key)
+        if plan is None:
+            plan = self._calibrate(kp, other, simd)
+            kp.save(key, plan, about)
+        return plan
+
+    @torch.inference_mode()
+    def _calibrate(self, kp, other: str, simd: str):
+        """Time the first layer and lm_head, kernel against torch ops, per row count (kernel_plan.py)."""
+        gemv = onednn = self.packed
+        p = _Layer(self.lm.model.layers[0], gemv, onednn)
+        head = _Proj([self.lm_head], gemv, onednn)
+        head_panels = None
+        if self.packed:
+            p.pack_panels(self.kernel)
+            with torch.no_grad():
+                head_panels = self.kernel.pack_panels(self.lm_head.weight.detach())
+        prefix = min(kp.PREFIX, self.max_len // 4)
+        grid = [m for m in kp.LAYER_GRID if prefix + m <= self.max_len]
+        n = prefix + grid[-1]
+        cos, sin = self._rope_tables(n)
+        kv = torch.zeros(1, 2, 1, n, self.n_kv, self.head_dim, dtype=self.dtype, device=self.device)
+        gen = torch.Generator().manual_seed(0)
+        base = torch.randn(n, self.lm.config.hidden_size, generator=gen).to(self.dtype)
+        layer_ms = []
+        for m in grid:
+            x = base[:m]
+            pos = torch.arange(prefix, prefix + m)
+            rows = torch.zeros(m, dtype=torch.long)
+            c, s = cos[prefix : prefix + m].unsqueeze(1), sin[prefix : prefix + m].unsqueeze(1)
+            mask = torch.ones(m, prefix + m, dtype=torch.bool).tril(prefix)
+
+            def kernel_step(x=x, pos=pos, rows=rows):
+                self.kernel.layer_forward(
+                    x.clone(), *p.kernel_args, kv, 0, rows, pos, cos, sin, self.eps, self.scale,
+                    self.n_heads, self.n_kv, 0, p.panels,
+                )  # fmt: skip
+
+            def torch_step(x=x, c=c, s=s, mask=mask):
+                self._prefill_layer(x, p, kv[0], 0, prefix, c, s, mask, False, False)
+
+            layer_ms.append((m, *kp.time_pair(kernel_step, torch_step)))
+        head_ms = []
+        w = self.lm_head.weight.detach()
+        for m in kp.HEAD_GRID:
+            x = base[:m].contiguous()
+            head_ms.append(
+                (
+                    m,
+                    *kp.time_pair(
+                        lambda x=x: self.kernel.head_forward(x, self.norm_w.detach(), w, self.eps, head_panels),
+                        lambda x=x: head(self._rms(x, self.norm_w)),
+                    ),
+                )
+            )
+        return kp.KernelPlan(
+            kp.choose_rows(layer_ms), kp.choose_rows(head_ms), "calibrated", other, simd, layer_ms, head_ms
+        )
 
     # -- memory ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -343,14 +436,18 @@ class FastLM:
         lengths[: self.lengths.numel()] = self.lengths
         self.lengths = lengths
         if new_len > self._cos.shape[0]:
-            pos = torch.arange(new_len, device=self.device, dtype=torch.float32)
-            freqs = pos[:, None] * self.inv_freq  # as transformers computes it, row by row
-            emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
-            self._cos = (emb.cos() * self.rope_scaling).to(self.dtype)
-            sin = (emb.sin() * self.rope_scaling).to(self.dtype)
-            half = sin.shape[-1] // 2
-            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign folded in
+            self._cos, self._sin = self._rope_tables(new_len)
         self._row_cap, self._len_cap = new_rows, new_len
+
+    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin of positions 0..n-1, [n, head_dim]"""
+        pos = torch.arange(n, device=self.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq  # as transformers computes it, row by row
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+        cos = (emb.cos() * self.rope_scaling).to(self.dtype)
+        sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign folded in
 
     def kv_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
@@ -450,7 +547,7 @@ class FastLM:
         w = self.lm_head.weight
         if (
             self.kernel is not None
-            and (hidden.shape[0] <= HEAD_KERNEL_ROWS or self.head.d is None)
+            and hidden.shape[0] <= self.head_kernel_rows
             and w.dtype == torch.float32
             and w.is_contiguous()
         ):
@@ -507,7 +604,7 @@ class FastLM:
         t = embeds.shape[0]
         end = start + t
         self._reserve(self.n_active, end)
-        if self.kernel is not None and t <= KERNEL_ROWS:
+        if self.kernel is not None and t <= self.kernel_rows:
             x = embeds.reshape(t, -1).to(self.dtype, copy=True).contiguous()  # the kernel writes x in place
             rows = torch.full((t,), row, dtype=torch.long)
             self._run_kernel(x, rows, torch.arange(start, end), t - 1 if logits else t)
@@ -524,30 +621,37 @@ class FastLM:
         x = embeds.to(self.dtype).reshape(t, -1)
         last_layer = len(self.layers) - 1
         for li, p in enumerate(self.layers):
-            q, k, v = self._attention_inputs(x, p, cos, sin)
-            kv[li, 0, row, start:end] = k
-            kv[li, 1, row, start:end] = v
-            keys = kv[li, 0, row, :end].transpose(0, 1).unsqueeze(0)  # [1, kv, end, hd]
-            vals = kv[li, 1, row, :end].transpose(0, 1).unsqueeze(0)
-            if li == last_layer and logits and t > 1:
-                # Only the last position's output is read (its logits); the others' K/V are stored
-                # above, so the last layer's attention output, o_proj and MLP run for one row.
-                q, x, mask, causal = q[-1:], x[-1:], None, False  # the last query sees every key
-            att = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0),
-                keys,
-                vals,
-                attn_mask=mask,
-                is_causal=causal,
-                scale=self.scale,
-                enable_gqa=self.group > 1,
-            )  # [1, H, T, hd]
-            x = x + p.o(att[0].transpose(0, 1).reshape(x.shape[0], -1))
-            x = x + self._mlp(self._rms(x, p.ln2), p)
+            # Only the last position's output is read (its logits): the last layer finishes one row
+            x = self._prefill_layer(x, p, kv[li], row, start, cos, sin, mask, causal, li == last_layer and logits)
         self.lengths[row] = end
         if not logits:
             return None
         return self._logits(x[-1:])[0]
+
+    def _prefill_layer(self, x, p: _Layer, kv, row: int, start: int, cos, sin, mask, causal: bool, last_only: bool):
+        """One layer of a torch-ops prefill: x [T, D] at positions start.. of slot `row` of kv (one
+        layer's [2, rows, len, kv_heads, hd]); with last_only, only the last row comes out."""
+        t = x.shape[0]
+        end = start + t
+        q, k, v = self._attention_inputs(x, p, cos, sin)
+        kv[0, row, start:end] = k
+        kv[1, row, start:end] = v
+        keys = kv[0, row, :end].transpose(0, 1).unsqueeze(0)  # [1, kv, end, hd]
+        vals = kv[1, row, :end].transpose(0, 1).unsqueeze(0)
+        if last_only and t > 1:
+            # the others' K/V are stored above, so attention output, o_proj and MLP run for one row
+            q, x, mask, causal = q[-1:], x[-1:], None, False  # the last query sees every key
+        att = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            keys,
+            vals,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=self.group > 1,
+        )  # [1, H, T, hd]
+        x = x + p.o(att[0].transpose(0, 1).reshape(x.shape[0], -1))
+        return x + self._mlp(self._rms(x, p.ln2), p)
 
     @torch.inference_mode()
     def prefill_many(self, seqs: list[int], embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -557,12 +661,13 @@ class FastLM:
         position), so the weights are read once for all of them -- what several requests admitted
         together (a burst of questions about one image) cost in one follow-up's time and a bit."""
         sizes = [e.shape[0] for e in embeds]
-        if self.kernel is None or not seqs or min(sizes) < 1 or max(sizes) > KERNEL_ROWS:
+        limit = self.kernel_rows
+        if self.kernel is None or not seqs or min(sizes) < 1 or max(sizes) > limit:
             return torch.stack([self.prefill(s, e) for s, e in zip(seqs, embeds)])
-        if sum(sizes) > KERNEL_ROWS:  # steps of at most KERNEL_ROWS rows
+        if sum(sizes) > limit:  # steps of at most kernel_rows rows
             groups, total = [[]], 0
             for i, t in enumerate(sizes):
-                if total + t > KERNEL_ROWS:
+                if total + t > limit:
                     groups.append([])
                     total = 0
                 groups[-1].append(i)
@@ -594,7 +699,7 @@ class FastLM:
             raise ValueError(f"decode takes every live sequence ({self.n_active}), got {b}")
         rows = [self._row_of[s] for s in seqs]
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        if self.kernel is not None and b <= KERNEL_ROWS:
+        if self.kernel is not None and b <= self.kernel_rows:
             # rows in the order of seqs: the kernel takes each row's slot and position as given
             rows_t = torch.tensor(rows, dtype=torch.long)
             pos = self.lengths.index_select(0, rows_t)
