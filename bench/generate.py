@@ -74,7 +74,7 @@ def peak_rss_mb() -> float:
 def cpu_name() -> str:
     """The CPU and the instruction sets the runtime can use on it."""
     try:
-        from visprompt.runtime.cpu_kernels import cpu_summary
+        from visprompt.runtime.cpu import cpu_summary
 
         return cpu_summary()
     except ImportError:
