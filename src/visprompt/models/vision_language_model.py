@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ConfigError, ModelNotFoundError
 from .config import VLMConfig
 from .cross_attention import CrossAttentionFusion
-from .language_model import build_language_model, language_model_from_config, lm_config_dict
+from .language_model import build_language_model, language_model_from_config, lm_config_dict, text_dims
 from .mixture import MixtureFusion
 from .modality_projector import ModalityProjector
 from .tokenizer import prepare_tokenizer, train_tokenizer
@@ -88,7 +88,7 @@ class VisionLanguageModel(nn.Module):
         cfg.image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
 
         vision = VisionEncoder.build(cfg)
-        lm_dim = lm.get_input_embeddings().embedding_dim
+        lm_dim = _image_token_dim(cfg, lm)
         text_rms = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         with torch.no_grad():  # one dry run tells how many patch tokens an image becomes
             cfg.vision_num_patches = vision.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
@@ -121,16 +121,16 @@ class VisionLanguageModel(nn.Module):
         tokenizer = _load_tokenizer(folder)
         with _skip_init():
             vision = VisionEncoder.from_config(cfg)
+            lm = language_model_from_config(cfg.lm_config)
             connector = ModalityProjector(
                 vision.hidden_size,
-                cfg.lm_config["hidden_size"],
+                _image_token_dim(cfg, lm),
                 cfg.connector_hidden_size,
                 cfg.connector_pixel_shuffle,
                 cfg.connector_dropout,
                 num_patches=cfg.vision_num_patches,
                 input_norm=cfg.connector_input_norm,
             )
-            lm = language_model_from_config(cfg.lm_config)
         model = cls(cfg, vision, connector, lm, tokenizer)
         # safetensors stores a tied tensor once under one of its names: tie first, so loading that
         # name fills both; any other missing weight is an error.
@@ -260,15 +260,24 @@ class VisionLanguageModel(nn.Module):
         return out.logits, (out.get(self._cache_arg) if use_cache else None)
 
 
+def _image_token_dim(cfg: VLMConfig, lm: nn.Module) -> int:
+    """Width of the connector's output: the LM's token embeddings for prefix and mixture fusion (image
+    tokens stand in for them), the decoder's hidden size for cross-attention (the blocks read it)."""
+    embed_dim, hidden_size, _ = text_dims(lm)
+    return hidden_size if cfg.fusion == "cross_attention" else embed_dim
+
+
 def _build_fusion(cfg: VLMConfig, lm: nn.Module) -> nn.Module | None:
     if cfg.fusion == "prefix":
         return None
-    dim = lm.get_input_embeddings().embedding_dim
+    embed_dim, hidden_size, lm_heads = text_dims(lm)
     if cfg.fusion == "mixture":
-        return MixtureFusion(dim, cfg.mixture_max_images)
+        # scores read the final hidden state, the LM head's input, which has the embeddings' width
+        return MixtureFusion(embed_dim, cfg.mixture_max_images)
+    dim = hidden_size
     if cfg.image_feature_tokens < 1:
         raise ConfigError("image_feature_tokens is not set: build the model with VisionLanguageModel.build")
-    heads = cfg.xattn_heads or getattr(lm.config, "num_attention_heads", 0) or getattr(lm.config, "n_head", 0)
+    heads = cfg.xattn_heads or lm_heads
     if not heads:
         raise ConfigError("set xattn_heads: the LM's config does not say how many attention heads it has")
     return CrossAttentionFusion(
