@@ -222,16 +222,17 @@ class CrossAttentionFusion(nn.Module):
     def run(self, model, input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep):
         """The LM forward with the blocks conditioned on this batch's images. Returns (logits, cache)."""
         T = input_ids.shape[1]
-        is_image = input_ids == model.cfg.image_token_id  # [B, T]
         if isinstance(cache, CrossAttentionCache):
-            if bool(is_image.any()) or image_embeds is not None:
+            # a placeholder id in a decode step is a generated token: text, not a new image
+            if image_embeds is not None:
                 raise ValueError("images can only be given with the first (uncached) forward of a prompt")
             kv, image_cols, start, lm_cache = cache.kv, cache.image_cols, cache.seen, cache.lm
         else:
             if cache is not None:
                 raise TypeError(f"cross-attention fusion needs a CrossAttentionCache, got {type(cache).__name__}")
             start, lm_cache = 0, None
-            kv, image_cols = self._media(is_image, image_embeds)
+            n_images = 0 if image_embeds is None else image_embeds.shape[0]
+            kv, image_cols = self._media(model.image_slots(input_ids, n_images), image_embeds)
         cols = start + torch.arange(T, device=input_ids.device)
         visible = image_cols[:, None, :] <= cols[None, :, None]  # [B, T, M]: image placed at or before the token
         with self.conditioned(kv, visible):
@@ -247,16 +248,12 @@ class CrossAttentionFusion(nn.Module):
         return out.logits, new_cache
 
     def _media(self, is_image: torch.Tensor, image_embeds: torch.Tensor | None):
-        """Per-row image features and their placeholder columns; keys/values of every block."""
+        """Per-row image features and their placeholder columns; keys/values of every block.
+        is_image: [B, T] the placeholders the images fill (one per image, see `image_slots`)."""
         B = is_image.shape[0]
         counts = is_image.sum(1)  # [B] images per row
-        n = int(counts.sum())
         if image_embeds is None:
-            if n:
-                raise ValueError("the prompt has image placeholders but no images were given")
             return None, torch.empty(B, 0, dtype=torch.long, device=is_image.device)
-        if image_embeds.shape[0] != n:
-            raise ValueError(f"{n} image placeholder tokens (one per image) but {image_embeds.shape[0]} images")
         M = int(counts.max())
         rows, cols = is_image.nonzero(as_tuple=True)  # row-major = prompt order
         slot = (is_image.cumsum(1) - 1)[rows, cols]  # index of each image within its row

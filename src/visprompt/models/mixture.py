@@ -65,9 +65,11 @@ class MixtureFusion(nn.Module):
             )
         B, T = input_ids.shape
         dev = input_ids.device
-        is_image = input_ids == model.cfg.image_token_id  # [B, T]
         if cache is None:
             N = model.cfg.tokens_per_image
+            # the placeholders the images fill; any other placeholder id is text (see image_slots)
+            n_image_tokens = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+            is_image = model.image_slots(input_ids, n_image_tokens)  # [B, T]
             n_images = is_image.sum(1) // N  # [B]
             if int(n_images.max()) <= 1:
                 return (
@@ -95,7 +97,8 @@ class MixtureFusion(nn.Module):
             keys = self.to_k(pooled)  # [B, J, d]
             removed_total, lm_cache, start = removed.sum(-1), None, 0
         else:
-            if bool(is_image.any()) or image_embeds is not None:
+            # a placeholder id in a decode step is a generated token: text, not a new image
+            if image_embeds is not None:
                 raise ValueError("images can only be given with the first (uncached) forward of a prompt")
             J = cache.real.shape[1]
             new_mask = attention_mask[:, -T:] if attention_mask is not None else torch.ones_like(input_ids)

@@ -196,19 +196,51 @@ class VisionLanguageModel(nn.Module):
             out.extend([t] * self.cfg.tokens_per_image if t == self.cfg.image_token_id else [t])
         return out
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids: [B, T]; image_embeds: [n_images, tokens_per_image, D] in prompt order -> [B, T, D]
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        is_image = input_ids == self.cfg.image_token_id  # [B, T]
-        n_slots = int(is_image.sum())
-        if image_embeds is None:
-            if n_slots:
+    def image_slots(self, input_ids: torch.Tensor, n_image_tokens: int, strict: bool = False) -> torch.Tensor:
+        """Which placeholder positions `n_image_tokens` image tokens fill.
+
+        Args:
+            input_ids: [B, T] token ids.
+            n_image_tokens: image tokens given for this forward (prefix/mixture: images x
+                tokens_per_image; cross-attention: images, one placeholder each).
+            strict: every placeholder must be filled (a prompt); otherwise placeholders beyond the
+                filled ones (a generated placeholder id, ids after the prompt) are ordinary text tokens.
+
+        Returns:
+            [B, T] bool: the first `n_image_tokens` placeholders in prompt (row-major) order.
+        """
+        is_placeholder = input_ids == self.cfg.image_token_id  # [B, T]
+        n_placeholders = int(is_placeholder.sum())
+        if n_placeholders < n_image_tokens or (strict and n_placeholders != n_image_tokens):
+            if not n_image_tokens:
                 raise ValueError("the prompt has image placeholders but no images were given")
+            raise ValueError(f"{n_placeholders} image placeholder tokens but {n_image_tokens} image tokens")
+        if n_placeholders == n_image_tokens:
+            return is_placeholder
+        rank = is_placeholder.flatten().cumsum(0).reshape(is_placeholder.shape)  # 1-based, row-major
+        return is_placeholder & (rank <= n_image_tokens)
+
+    def embed(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, strict: bool = False
+    ) -> torch.Tensor:
+        """Input embeddings with image tokens in the placeholder slots (prefix fusion).
+
+        Args:
+            input_ids: [B, T] token ids.
+            image_embeds: [n_images, tokens_per_image, D] in prompt order, or None.
+            strict: raise unless the images fill every placeholder (for a whole prompt). Otherwise a
+                placeholder id no image fills (a decode step's, one after the prompt) embeds as text.
+
+        Returns:
+            [B, T, D] input embeddings.
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        n_image_tokens = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        slots = self.image_slots(input_ids, n_image_tokens, strict)  # [B, T]
+        if not n_image_tokens:
             return embeds
         flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)  # [n_images * N, D]
-        if flat.shape[0] != n_slots:
-            raise ValueError(f"{n_slots} image placeholder tokens but {flat.shape[0]} image tokens")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), flat)
+        return embeds.masked_scatter(slots.unsqueeze(-1), flat)
 
     def forward(
         self,
