@@ -18,6 +18,7 @@ pass back, so one decode loop (engine/generation.py) serves all three. The fusio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelNotFoundError
-from .config import VLMConfig
+from .config import BuiltConfig, VLMConfig
 from .cross_attention import CrossAttentionFusion
 from .language_model import build_language_model, language_model_from_config, lm_config_dict, text_dims
 from .mixture import MixtureFusion
@@ -74,7 +75,11 @@ class VisionLanguageModel(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def build(cls, cfg: VLMConfig, texts: Iterable[str] | None = None) -> VisionLanguageModel:
-        """Build every part from its source in cfg. A scratch LM trains its tokenizer on `texts`."""
+        """Build every part from its source in cfg. A scratch LM trains its tokenizer on `texts`.
+
+        `cfg` is left as given: the model keeps a filled copy as `model.cfg`, with the image settings
+        resolved (the encoder's own where cfg leaves them at 0 / ()) and `built` worked out.
+        """
         tokenizer = None
         if cfg.lm_source == "scratch":
             if texts is None:
@@ -84,14 +89,12 @@ class VisionLanguageModel(nn.Module):
         tokenizer = prepare_tokenizer(tokenizer, cfg.image_token)
         if lm.get_input_embeddings().num_embeddings < len(tokenizer):
             lm.resize_token_embeddings(len(tokenizer))
-        cfg.lm_config = lm_config_dict(lm)
-        cfg.image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
 
-        vision = VisionEncoder.build(cfg)
+        vision, image = VisionEncoder.build(cfg)
         lm_dim = _image_token_dim(cfg, lm)
         text_rms = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         with torch.no_grad():  # one dry run tells how many patch tokens an image becomes
-            cfg.vision_num_patches = vision.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            num_patches = vision.eval()(torch.zeros(1, 3, image.size, image.size)).shape[1]
         connector = ModalityProjector(
             vision.hidden_size,
             lm_dim,
@@ -99,16 +102,27 @@ class VisionLanguageModel(nn.Module):
             cfg.connector_pixel_shuffle,
             cfg.connector_dropout,
             output_scale=text_rms * cfg.connector_output_gain,
-            num_patches=cfg.vision_num_patches,
+            num_patches=num_patches,
             input_norm=cfg.connector_input_norm,
         )
-        n_tokens = connector.output_tokens(cfg.vision_num_patches)
+        n_tokens = connector.output_tokens(num_patches)
         if cfg.fusion == "cross_attention":
-            cfg.tokens_per_image = 1  # one placeholder marks the image's place; the blocks read its features
-            cfg.image_feature_tokens = cfg.resampler_latents or n_tokens
+            # one placeholder marks the image's place; the blocks read its features
+            tokens_per_image, feature_tokens = 1, cfg.resampler_latents or n_tokens
         else:
-            cfg.tokens_per_image = cfg.image_feature_tokens = n_tokens
-        return cls(cfg, vision, connector, lm, tokenizer)
+            tokens_per_image = feature_tokens = n_tokens
+        built = BuiltConfig(
+            vision_config=vision.config_dict(),
+            vision_num_patches=num_patches,
+            image_feature_tokens=feature_tokens,
+            lm_config=lm_config_dict(lm),
+            image_token_id=tokenizer.convert_tokens_to_ids(cfg.image_token),
+            tokens_per_image=tokens_per_image,
+        )
+        filled = dataclasses.replace(
+            cfg, image_size=image.size, image_mean=tuple(image.mean), image_std=tuple(image.std), built=built
+        )
+        return cls(filled, vision, connector, lm, tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
