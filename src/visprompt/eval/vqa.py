@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.llava import LlavaRecord
+from ..data.llava import LlavaRecord, record_conversation
 from ..engine.backend import Backend, SamplingParams
 from .metrics import exact_match
 
@@ -31,25 +31,14 @@ class VQAReport:
         }
 
 
-def record_turn_conversations(record: LlavaRecord, image_marker: str = "<image>") -> list[tuple[list[dict], str]]:
+def record_turn_conversations(record: LlavaRecord) -> list[tuple[list[dict], str]]:
     """(conversation up to turn i's question, gold answer) for every turn of a record."""
-    base: list[dict[str, Any]] = [{"role": "system", "content": record.system}] if record.system else []
-    out = []
-    images = list(record.images)
-    history = list(base)
-    for human, gpt in record.turns:
-        content: list[dict[str, Any]] = []
-        pieces = human.split(image_marker)
-        for k, piece in enumerate(pieces):
-            if k > 0:
-                content.append({"type": "image", "image": images.pop(0)})
-                piece = piece.removeprefix("\n")
-            if piece:
-                content.append({"type": "text", "text": piece})
-        history.append({"role": "user", "content": content})
-        out.append((list(history), gpt))
-        history.append({"role": "assistant", "content": gpt})
-    return out
+    conversation = record_conversation(record)
+    return [
+        (conversation[: i + 1], conversation[i + 1]["content"])
+        for i, message in enumerate(conversation)
+        if message["role"] == "user"
+    ]
 
 
 def evaluate_vqa(

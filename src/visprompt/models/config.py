@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .chat import IMAGE_TOKEN
 
 CONNECTOR_INPUT_NORMS = ("layer", "batch")  # see ModalityProjector
 
@@ -110,7 +111,7 @@ class VLMConfig:
 
     # --- tokenizer and prompt -------------------------------------------------------------
     tokenizer_vocab_size: int = 1024  # for a tokenizer trained on the data
-    image_token: str = "<image>"
+    image_token: str = IMAGE_TOKEN
     system_prompt: str = ""  # used when a conversation has no system message, in training and generation
     # Where `ask`/`describe` put the image in the user's message: before the text (LLaVA's usual
     # layout) or after it. The trainer sets it from the training data, so a model is asked the way

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.llava import load_llava_records
+from ..data.llava import IMAGE_TOKEN, load_llava_records
 from ..engine.backends.own import OwnVLMBackend
 from ..errors import ConfigError
 from ..eval.vqa import evaluate_vqa
 from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
 from .config import Recipe
-from .dataset import LLAVA_IMAGE_MARKER, VLMDataset, collate, record_texts
+from .dataset import VLMDataset, collate, record_texts
 
 STATE_NAME = "trainer_state.pt"
 
@@ -133,8 +133,8 @@ def image_after_text(records) -> bool | None:
     after = before = 0
     for rec in records:
         for human, _ in rec.turns:
-            if LLAVA_IMAGE_MARKER in human:
-                if human.split(LLAVA_IMAGE_MARKER, 1)[0].strip():
+            if IMAGE_TOKEN in human:
+                if human.split(IMAGE_TOKEN, 1)[0].strip():
                     after += 1
                 else:
                     before += 1
