@@ -260,3 +260,27 @@ def test_flat_config_files_with_built_fields_at_the_top_still_load(tmp_path, tin
         assert torch.equal(loaded(ids, pixel_values=pixels).logits, tiny_model(ids, pixel_values=pixels).logits)
     with pytest.raises(ConfigError, match="unknown model config field"):
         VLMConfig.from_dict({"built": {"image_token_idd": 3}})
+
+
+def test_a_model_with_lora_adapters_saves_merged_weights_and_tied_embeddings_once(tmp_path):
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    from visprompt.models.lora import add_lora
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(tiny_config(), TEXTS).eval()
+    add_lora(model.lm, 4, 8.0, "q_proj,v_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the output
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert len(keys & {"lm.model.embed_tokens.weight", "lm.lm_head.weight"}) == 1
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -258,7 +258,7 @@ class Trainer:
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         step = 0
         if resume_from:
-            state = torch.load(resume_from / STATE_NAME, weights_only=False)
+            state = torch.load(resume_from / STATE_NAME, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
             torch.set_rng_state(state["torch_rng"])
