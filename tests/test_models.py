@@ -284,3 +284,32 @@ def test_a_model_with_lora_adapters_saves_merged_weights_and_tied_embeddings_onc
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_public_model_forwards_document_their_arguments_and_shapes():
+    from visprompt.models.cross_attention import (
+        CrossAttentionFusion,
+        GatedCrossAttentionBlock,
+        PerceiverAttention,
+        PerceiverResampler,
+    )
+    from visprompt.models.mixture import MixtureFusion
+    from visprompt.models.vision_encoder import VisionEncoder
+
+    methods = [
+        VisionLanguageModel.forward,
+        VisionLanguageModel.encode_images,
+        VisionLanguageModel.encode_vision_features,
+        VisionLanguageModel.embed,
+        VisionEncoder.forward,
+        ModalityProjector.forward,
+        PerceiverAttention.forward,
+        PerceiverResampler.forward,
+        GatedCrossAttentionBlock.forward,
+        CrossAttentionFusion.encode,
+        CrossAttentionFusion.run,
+        MixtureFusion.run,
+    ]
+    for method in methods:
+        doc = method.__doc__ or ""
+        assert "Args:" in doc and "Returns:" in doc and "[" in doc, method.__qualname__

@@ -55,7 +55,19 @@ class MixtureFusion(nn.Module):
         nn.init.zeros_(self.to_q.weight)  # start from uniform weights over the visible images
 
     def run(self, model, input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep):
-        """Returns (logits, cache, weights [B, K, J] or None)."""
+        """The mixture forward (see VisionLanguageModel.forward); a batch with at most one image per
+        prompt runs as prefix fusion.
+
+        Args:
+            input_ids: [B, T]; tokens_per_image placeholders per image.
+            image_embeds: [n_images, N, D] from `encode_images`, only with the first forward.
+            cache: None, a MixtureCache, or a prefix-fusion cache (<= 1 image per prompt).
+
+        Returns:
+            (logits [B, K, V], cache, weights [B, K, J] or None): K = T or logits_to_keep; logits are
+            the mixture's log-probabilities with several images, and weights the per-token image
+            weights a_ij.
+        """
         if cache is not None and not isinstance(cache, MixtureCache):  # decoding a <= 1-image batch
             return (
                 *model._prefix_forward(

@@ -189,7 +189,15 @@ class VisionEncoder(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [B, 3, H, W] -> patch tokens [B, N, D]
+        """Images -> patch tokens of the hidden state `feature_layer` picks.
+
+        Args:
+            pixel_values: [B, 3, H, W] normalised images.
+
+        Returns:
+            [B, N, D] patch tokens: a transformer's hidden states without CLS/register tokens, or a
+            CNN's feature map [B, D, h, w] flattened row by row (N = h * w); D = `hidden_size`.
+        """
         if self.model_type in PACKAGED:
             return self.model(pixel_values, layer=self.feature_layer)
         if self.is_cnn:

@@ -192,12 +192,27 @@ class VisionLanguageModel(nn.Module):
         return next(self.parameters()).device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [n_images, 3, H, W] -> image embeddings [n_images, image_feature_tokens, D_lm]
+        """Images -> the embeddings the fusion reads (encoder, connector, and the resampler if any).
+
+        Args:
+            pixel_values: [n_images, 3, H, W] normalised images (H = W = cfg.image_size).
+
+        Returns:
+            [n_images, image_feature_tokens, D] image embeddings; D is the LM's token-embedding width
+            (prefix, mixture) or its hidden size (cross-attention).
+        """
         return self.encode_vision_features(self.vision(pixel_values))
 
     def encode_vision_features(self, vision_features: torch.Tensor) -> torch.Tensor:
-        # The part of encode_images after the encoder: [n_images, N, Dv] patch tokens -> image embeddings.
-        # The trainer calls it on stored outputs of a frozen encoder.
+        """The part of `encode_images` after the encoder (the trainer calls it on stored outputs of a
+        frozen encoder).
+
+        Args:
+            vision_features: [n_images, N, Dv] patch tokens from `self.vision` (N = vision_num_patches).
+
+        Returns:
+            [n_images, image_feature_tokens, D] image embeddings, as `encode_images`.
+        """
         features = self.connector(vision_features)
         if isinstance(self.fusion, CrossAttentionFusion):
             features = self.fusion.encode(features)  # the resampler, when there is one
@@ -269,9 +284,34 @@ class VisionLanguageModel(nn.Module):
         logits_to_keep: int = 0,
         vision_features: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """Logits (mixture fusion with several images: log-probabilities) and, with use_cache, a cache
-        to pass back as past_key_values; its type depends on the fusion. Images come as pixel_values,
-        as the vision encoder's outputs (vision_features, [n_images, N, Dv]) or as image_embeds."""
+        """Next-token logits for a batch of prompts, with the images fused per cfg.fusion.
+
+        Images are given with the first (uncached) forward of a prompt, in one of three forms, and fill
+        the image placeholders in prompt (row-major) order; a placeholder id no image fills (a generated
+        token in a decode step, ids after the prompt) is an ordinary text token.
+
+        Args:
+            input_ids: [B, T] token ids: prefix/mixture: tokens_per_image placeholders per image;
+                cross-attention: one placeholder per image. With a cache, only the new tokens.
+            attention_mask: [B, T_total] 1 for real tokens, 0 for padding (T_total counts cached tokens).
+            pixel_values: [n_images, 3, H, W] normalised images, in prompt order across the batch.
+            image_embeds: [n_images, image_feature_tokens, D] already encoded images (`encode_images`).
+            labels: [B, T] targets aligned with input_ids (-100: no loss); position t predicts t+1.
+            position_ids: [B, T] positions of the new tokens (default: counting from the cache length).
+            past_key_values: the cache a previous call returned (its type depends on the fusion).
+            use_cache: return a cache for the next decode step.
+            logits_to_keep: > 0: logits for the last k positions only.
+            vision_features: [n_images, N, Dv] the vision encoder's outputs (`self.vision`).
+
+        Returns:
+            VLMOutput with
+                logits: [B, T, V] ([B, k, V] with logits_to_keep=k); mixture fusion with several images
+                    per prompt gives the mixture's log-probabilities.
+                loss: scalar next-token cross-entropy when labels are given, else None.
+                past_key_values: the cache to pass back with use_cache, else None.
+                mixture_weights: [B, T, J] per-token image weights a_ij of mixture fusion with several
+                    images, else None.
+        """
         if image_embeds is None and vision_features is not None:
             image_embeds = self.encode_vision_features(vision_features)
         elif image_embeds is None and pixel_values is not None:
