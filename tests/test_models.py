@@ -313,3 +313,11 @@ def test_public_model_forwards_document_their_arguments_and_shapes():
     for method in methods:
         doc = method.__doc__ or ""
         assert "Args:" in doc and "Returns:" in doc and "[" in doc, method.__qualname__
+
+
+def test_built_fields_are_not_recipe_settings():
+    from visprompt.train.config import load_recipe
+
+    for key in ("model.built={}", "model.image_token_id=3"):
+        with pytest.raises(ConfigError, match="unknown model setting"):
+            load_recipe(None, [key])

@@ -158,6 +158,7 @@ class VLMConfig:
         """From `to_dict`'s layout, or the flat one with the built fields at the top level."""
         data = dict(data)
         built = dict(data.pop("built", None) or {})
+        # the older flat layout kept the built fields at the top level
         built.update({k: data.pop(k) for k in BUILT_FIELDS if k in data})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known) + sorted(set(built) - set(BUILT_FIELDS))
