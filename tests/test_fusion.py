@@ -405,3 +405,49 @@ def test_each_strategy_trains_through_the_trainer(key, pairs_json, tmp_path):
     assert trained.cfg.fusion == fusion
     if fusion == "cross_attention":  # the gates moved off zero: the images are in use
         assert all(float(b.attn_gate.detach().abs()) > 0 for b in trained.fusion.blocks)
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+@pytest.mark.parametrize("key", ["xattn", "xattn-resampler", "mixture", "prefix"])
+def test_a_placeholder_id_in_a_cached_decode_step_is_a_text_token(key, n_images):
+    """A generated placeholder id is a token like any other: the cached step does not take it for a new
+    image, and equals the uncached forward over the whole sequence, where it is also text."""
+    model = make_model(key)
+    pid = model.cfg.image_token_id
+    ids = prompt_ids(model, [7, *["IMG", 8] * n_images, 9])
+    T = ids.shape[1]
+    pixels = torch.randn(n_images, 3, 32, 32)
+    with torch.no_grad():
+        prefill = model(ids, pixel_values=pixels, use_cache=True)
+        step = model(
+            torch.tensor([[pid]]),
+            attention_mask=torch.ones(1, T + 1, dtype=torch.long),
+            position_ids=torch.tensor([[T]]),
+            past_key_values=prefill.past_key_values,
+            use_cache=True,
+        )
+        step2 = model(torch.tensor([[pid]]), past_key_values=step.past_key_values, use_cache=True)
+        full = model(torch.cat([ids, torch.tensor([[pid, pid]])], dim=1), pixel_values=pixels)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step2.logits[:, -1], full.logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_uncached_forward_embeds_placeholders_after_the_images_as_text():
+    model = make_model("prefix")
+    pid = model.cfg.image_token_id
+    ids = prompt_ids(model, [7, "IMG", 8, 9])
+    pixels = torch.randn(1, 3, 32, 32)
+    longer = torch.cat([ids, torch.tensor([[pid, 10]])], dim=1)
+    with torch.no_grad():
+        got = model(longer, pixel_values=pixels, use_cache=False).logits
+        text = model.lm.get_input_embeddings()(longer)
+        embeds = torch.cat([model.embed(ids, model.encode_images(pixels)), text[:, ids.shape[1] :]], dim=1)
+        want = model.lm(inputs_embeds=embeds).logits
+        no_images = model(torch.tensor([[7, pid, 8]])).logits  # no images for this forward: all text
+        want_text = model.lm(input_ids=torch.tensor([[7, pid, 8]])).logits
+    assert torch.equal(got, want)
+    assert torch.equal(no_images, want_text)
+    with pytest.raises(ValueError, match="placeholder"):  # a whole prompt must have an image per slot
+        model.embed(ids, strict=True)
+    with pytest.raises(ValueError, match="placeholder"):  # more image tokens than slots
+        model(ids[:, :3], pixel_values=pixels)

@@ -1,5 +1,7 @@
 """Model kit: building from size specs, tokenizer training, prefix fusion, save/load round trip."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +10,7 @@ from conftest import TEXTS, spread_weights, tiny_config
 
 from visprompt.errors import ConfigError, ModelNotFoundError
 from visprompt.models.chat import encode_chat, encode_training_example
-from visprompt.models.config import VLMConfig
+from visprompt.models.config import BUILT_FIELDS, BuiltConfig, VLMConfig
 from visprompt.models.modality_projector import ModalityProjector, pixel_shuffle
 from visprompt.models.tokenizer import train_tokenizer
 from visprompt.models.vision_language_model import VisionLanguageModel
@@ -61,6 +63,7 @@ def test_pixel_shuffle_merges_neighbours():
 def test_build_from_size_spec(vision_type, shuffle):
     cfg = tiny_config(vision_type=vision_type, connector_pixel_shuffle=shuffle, vision_layers=2)
     model = VisionLanguageModel.build(cfg, TEXTS)
+    cfg = model.cfg
     assert cfg.vision_config is not None and cfg.lm_config is not None
     tokens = model.encode_images(torch.zeros(3, 3, 32, 32))
     assert tokens.shape == (3, cfg.tokens_per_image, 48)
@@ -215,3 +218,106 @@ def test_batch_input_norm_standardises_each_channel_and_round_trips(tmp_path):
     assert torch.equal(reloaded.encode_images(pixels), model.encode_images(pixels))
     with pytest.raises(ConfigError):
         tiny_config(connector_input_norm="group")
+
+
+def test_building_leaves_the_callers_config_unchanged_and_the_model_keeps_a_filled_copy():
+    cfg = tiny_config(image_size=0, fusion="cross_attention")
+    before = copy.deepcopy(cfg)
+    model = VisionLanguageModel.build(cfg, TEXTS)
+    assert cfg == before  # nothing computed was written into the caller's object
+    assert cfg.built == BuiltConfig() and cfg.image_token_id == -1 and cfg.tokens_per_image == 0
+    filled = model.cfg
+    assert filled is not cfg
+    assert (filled.image_size, filled.image_mean, filled.image_std) == (64, (0.5,) * 3, (0.5,) * 3)
+    assert (filled.tokens_per_image, filled.image_feature_tokens, filled.vision_num_patches) == (1, 64, 64)
+    assert filled.image_token_id == model.tokenizer.convert_tokens_to_ids("<image>")
+    assert dataclasses.replace(filled, image_size=0, image_mean=(), image_std=(), built=BuiltConfig()) == cfg
+
+
+def as_json(cfg) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def test_config_save_load_round_trip_is_equal(tmp_path, tiny_model):
+    tiny_model.cfg.save(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert set(saved["built"]) == set(BUILT_FIELDS) and not set(saved) & set(BUILT_FIELDS)
+    assert as_json(VLMConfig.load(tmp_path)) == as_json(tiny_model.cfg) == json.dumps(saved, sort_keys=True)
+    tiny_model.save_pretrained(tmp_path / "model")
+    assert as_json(VisionLanguageModel.from_pretrained(tmp_path / "model").cfg) == as_json(tiny_model.cfg)
+
+
+def test_flat_config_files_with_built_fields_at_the_top_still_load(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    flat = {k: v for k, v in data.items() if k != "built"} | data["built"]  # the older layout
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    assert as_json(VLMConfig.load(tmp_path)) == json.dumps(data, sort_keys=True)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path)
+    ids = torch.tensor([tiny_model.expand_image_placeholders([5, tiny_model.cfg.image_token_id, 6])])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixel_values=pixels).logits, tiny_model(ids, pixel_values=pixels).logits)
+    with pytest.raises(ConfigError, match="unknown model config field"):
+        VLMConfig.from_dict({"built": {"image_token_idd": 3}})
+
+
+def test_a_model_with_lora_adapters_saves_merged_weights_and_tied_embeddings_once(tmp_path):
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    from visprompt.models.lora import add_lora
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(tiny_config(), TEXTS).eval()
+    add_lora(model.lm, 4, 8.0, "q_proj,v_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the output
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert len(keys & {"lm.model.embed_tokens.weight", "lm.lm_head.weight"}) == 1
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_public_model_forwards_document_their_arguments_and_shapes():
+    from visprompt.models.cross_attention import (
+        CrossAttentionFusion,
+        GatedCrossAttentionBlock,
+        PerceiverAttention,
+        PerceiverResampler,
+    )
+    from visprompt.models.mixture import MixtureFusion
+    from visprompt.models.vision_encoder import VisionEncoder
+
+    methods = [
+        VisionLanguageModel.forward,
+        VisionLanguageModel.encode_images,
+        VisionLanguageModel.encode_vision_features,
+        VisionLanguageModel.embed,
+        VisionEncoder.forward,
+        ModalityProjector.forward,
+        PerceiverAttention.forward,
+        PerceiverResampler.forward,
+        GatedCrossAttentionBlock.forward,
+        CrossAttentionFusion.encode,
+        CrossAttentionFusion.run,
+        MixtureFusion.run,
+    ]
+    for method in methods:
+        doc = method.__doc__ or ""
+        assert "Args:" in doc and "Returns:" in doc and "[" in doc, method.__qualname__
+
+
+def test_built_fields_are_not_recipe_settings():
+    from visprompt.train.config import load_recipe
+
+    for key in ("model.built={}", "model.image_token_id=3"):
+        with pytest.raises(ConfigError, match="unknown model setting"):
+            load_recipe(None, [key])

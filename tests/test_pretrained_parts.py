@@ -36,6 +36,7 @@ def test_efficientnet_lite0_as_prefix_encoder_round_trips(tmp_path):
         tokenizer_vocab_size=300,
     )
     model = VisionLanguageModel.build(cfg, TEXTS).eval()
+    cfg = model.cfg
     assert cfg.tokens_per_image == 4  # 128 px -> 4x4 map -> pixel shuffle 2 -> 2x2
     assert cfg.image_mean == pytest.approx((127 / 255,) * 3)  # the encoder's own normalisation
     x = torch.randn(2, 3, 128, 128)
@@ -61,6 +62,7 @@ def test_efficientnet_feature_layer_picks_a_middle_block(tmp_path):
         tokenizer_vocab_size=300,
     )
     model = VisionLanguageModel.build(cfg, TEXTS).eval()
+    cfg = model.cfg
     x = torch.randn(2, 3, 96, 96)
     net = model.vision.model.net
     with torch.no_grad():
@@ -96,6 +98,7 @@ def test_smollm2_as_language_model_keeps_its_chat_template(tmp_path):
         lm_source="smollm2-135m",
     )
     model = VisionLanguageModel.build(cfg)
+    cfg = model.cfg
     tok = model.tokenizer
     assert "<image>" in tok.get_vocab() and cfg.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert model.lm.get_input_embeddings().num_embeddings >= len(tok)

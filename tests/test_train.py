@@ -302,7 +302,7 @@ def test_trainer_stores_frozen_features_and_saves_the_prompt_layout(tmp_path, ca
 def test_vqa_report_names_the_question_wherever_the_image_sits():
     """Mistakes quote the question's text whether the image comes before or after it."""
     from visprompt.engine.backend import GenerationResult
-    from visprompt.eval.vqa import evaluate_vqa
+    from visprompt.eval import evaluate
 
     class AlwaysNo:
         name = "always-no"
@@ -319,6 +319,6 @@ def test_vqa_report_names_the_question_wherever_the_image_sits():
             extra={"kinds": ["exist", "color"]},
         ),
     ]
-    report = evaluate_vqa(AlwaysNo(), records)
+    report = evaluate(AlwaysNo(), records)
     assert report.total == 3 and report.by_kind == {"color": 0.5, "exist": 0.0}
     assert [m["question"] for m in report.examples] == ["What color is the circle?", "Is there a square?"]

@@ -108,15 +108,10 @@ def evaluate(
     output: Path | None = typer.Option(None, "--output", help="Write the report JSON here."),
 ):
     """Score a model's answers on a LLaVA-format split (normalised exact match)."""
-    import visprompt
+    from ..engine.loading import load_backend
+    from ..eval import evaluate as evaluate_answers
 
-    from ..data.llava import load_llava_records
-    from ..eval.vqa import evaluate_vqa
-
-    records = load_llava_records(data)
-    if max_records:
-        records = records[:max_records]
-    report = evaluate_vqa(visprompt.load(model).backend, records)
+    report = evaluate_answers(load_backend(model), data, max_records=max_records)
     if output:
         output.mkdir(parents=True, exist_ok=True)
         (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

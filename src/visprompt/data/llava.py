@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
-
-IMAGE_TOKEN = "<image>"
+from ..models.chat import IMAGE_TOKEN
 
 # Role names seen in the wild; normalised to LLaVA's own "human" / "gpt".
 _HUMAN_ROLES = {"human", "user"}
@@ -213,6 +212,30 @@ def _parse_record(item: Any, index: int, base: Path, source: str, check_images: 
         system="\n".join(system_parts) if system_parts else None,
         extra=extra,
     )
+
+
+def record_conversation(record: LlavaRecord, default_system: str = "") -> list[dict[str, Any]]:
+    """The record as a conversation of chat messages (the form `generate` and chat templates take).
+
+    Each human turn becomes a user message whose content lists its text and, where an `<image>` marker
+    stood, an image part with the next of the record's images (the newline after a marker is part of
+    the marker); each gpt turn becomes an assistant message. The record's system text, else
+    `default_system`, opens the conversation as a system message.
+    """
+    system = record.system or default_system
+    conversation: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    images = iter(record.images)
+    for human, gpt in record.turns:
+        content: list[dict[str, Any]] = []
+        for k, piece in enumerate(human.split(IMAGE_TOKEN)):
+            if k > 0:
+                content.append({"type": "image", "image": next(images)})
+                piece = piece.removeprefix("\n")
+            if piece:
+                content.append({"type": "text", "text": piece})
+        conversation.append({"role": "user", "content": content})
+        conversation.append({"role": "assistant", "content": gpt})
+    return conversation
 
 
 def _record_to_json(rec: LlavaRecord, base: Path) -> dict[str, Any]:

@@ -1,16 +1,21 @@
 """Score a backend on LLaVA-format question/answer records: every reply turn is one question.
 
+`evaluate` (also `visprompt.eval.evaluate`) is the one evaluation loop: the trainer's periodic
+evaluation and `visprompt eval` both call it with a Backend.
+
 Each turn is asked with the gold conversation before it (teacher forcing), so a record with five
 turns gives five independent scores.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.llava import LlavaRecord
+from ..data.llava import LlavaRecord, load_llava_records, record_conversation
 from ..engine.backend import Backend, SamplingParams
 from .metrics import exact_match
 
@@ -31,30 +36,43 @@ class VQAReport:
         }
 
 
-def record_turn_conversations(record: LlavaRecord, image_marker: str = "<image>") -> list[tuple[list[dict], str]]:
+def record_turn_conversations(record: LlavaRecord) -> list[tuple[list[dict], str]]:
     """(conversation up to turn i's question, gold answer) for every turn of a record."""
-    base: list[dict[str, Any]] = [{"role": "system", "content": record.system}] if record.system else []
-    out = []
-    images = list(record.images)
-    history = list(base)
-    for human, gpt in record.turns:
-        content: list[dict[str, Any]] = []
-        pieces = human.split(image_marker)
-        for k, piece in enumerate(pieces):
-            if k > 0:
-                content.append({"type": "image", "image": images.pop(0)})
-                piece = piece.removeprefix("\n")
-            if piece:
-                content.append({"type": "text", "text": piece})
-        history.append({"role": "user", "content": content})
-        out.append((list(history), gpt))
-        history.append({"role": "assistant", "content": gpt})
-    return out
+    conversation = record_conversation(record)
+    return [
+        (conversation[: i + 1], conversation[i + 1]["content"])
+        for i, message in enumerate(conversation)
+        if message["role"] == "user"
+    ]
 
 
-def evaluate_vqa(
-    backend: Backend, records: list[LlavaRecord], batch_size: int = 32, max_new_tokens: int = 48, keep_mistakes: int = 5
+def evaluate(
+    backend: Backend,
+    records: Sequence[LlavaRecord] | str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+    max_records: int = 0,
+    keep_mistakes: int = 5,
 ) -> VQAReport:
+    """Score a backend's answers on LLaVA-format records (normalised exact match).
+
+    Args:
+        backend: anything with the Backend protocol's `generate(conversations, SamplingParams)`.
+        records: LLaVA records, or the path of a LLaVA JSON/JSONL file.
+        batch_size: conversations per `generate` call.
+        max_new_tokens: the longest answer generated (greedy decoding).
+        max_records: score only the first this many records (0: all).
+        keep_mistakes: how many wrong answers the report quotes.
+
+    Returns:
+        A VQAReport: exact match over every turn, per question kind when the records name kinds
+        (`extra["kinds"]`), and the first mistakes.
+    """
+    if isinstance(records, (str, os.PathLike)):
+        records = load_llava_records(records)
+    if max_records:
+        records = records[:max_records]
     items = []
     for rec in records:
         kinds = rec.extra.get("kinds") or []

@@ -19,6 +19,9 @@ from typing import Any
 
 from ..errors import VispromptError
 
+# The image placeholder: LLaVA's marker in data files, and the default placeholder token of own models.
+IMAGE_TOKEN = "<image>"
+
 Message = dict[str, Any]
 Conversation = list[Message]
 

@@ -1,10 +1,14 @@
-"""One flat config for a whole VLM, saved as config.json next to model.safetensors.
+"""The config of a whole VLM, saved as config.json next to model.safetensors.
 
-Fields are prefixed by the part they describe (vision_*, connector_*, lm_*), as in nanoVLM. The
-`*_source` fields say where the initial weights came from (a hub id, a local folder, a packaged
-name, or "scratch" for a size spec with random weights); `vision_config` / `lm_config` hold the
-full transformers config of each part once it is built, so `from_pretrained` can rebuild the
-architecture offline and then load every weight from model.safetensors.
+`VLMConfig` holds the user's settings, prefixed by the part they describe (vision_*, connector_*,
+lm_*), as in nanoVLM. The `*_source` fields say where the initial weights came from (a hub id, a local
+folder, a packaged name, or "scratch" for a size spec with random weights).
+
+`BuiltConfig` (`VLMConfig.built`) holds what building the model works out: the full transformers
+config of each part (so `from_pretrained` rebuilds the architecture offline, then loads every weight
+from model.safetensors), the placeholder token's id and the token counts per image. Building never
+writes into the caller's config: `VisionLanguageModel.build` keeps a filled copy as `model.cfg`.
+Config files that keep the built fields at the top level (the older flat layout) still load.
 """
 
 from __future__ import annotations
@@ -16,10 +20,28 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .chat import IMAGE_TOKEN
 
 CONNECTOR_INPUT_NORMS = ("layer", "batch")  # see ModalityProjector
 
 FUSIONS = ("prefix", "cross_attention", "mixture")
+
+
+@dataclass
+class BuiltConfig:
+    """Fields computed when a model is built; never user settings."""
+
+    vision_config: dict[str, Any] | None = None  # the built encoder's transformers config
+    vision_num_patches: int = 0  # patch tokens per image out of the encoder
+    image_feature_tokens: int = 0  # tokens per image the fusion reads (connector/resampler output)
+    lm_config: dict[str, Any] | None = None  # the built LM's transformers config
+    image_token_id: int = -1  # the placeholder token's id in the tokenizer
+    # Placeholder tokens per image in the prompt: the connector's output length for prefix/mixture,
+    # 1 for cross_attention.
+    tokens_per_image: int = 0
+
+
+BUILT_FIELDS = tuple(f.name for f in dataclasses.fields(BuiltConfig))
 
 
 @dataclass
@@ -37,8 +59,6 @@ class VLMConfig:
     # or stem; -1: the last; -2: LLaVA's choice for CLIP). For CNNs a stage's (EfficientNet-Lite0: a
     # block's) feature map; middle layers keep position and colour that the last one has pooled away.
     vision_feature_layer: int = -1
-    vision_config: dict[str, Any] | None = None  # the built encoder's transformers config
-    vision_num_patches: int = 0  # patch tokens per image out of the encoder (filled in at build)
     # Input size and normalisation; 0 / () take the pretrained encoder's own (64 px, 0.5/0.5 for scratch).
     image_size: int = 0
     image_mean: tuple[float, ...] = ()
@@ -72,7 +92,6 @@ class VLMConfig:
     resampler_latents: int = 0  # > 0: a Perceiver resampler turns each image into this many latents
     resampler_depth: int = 2
     mixture_max_images: int = 8  # learned score bias per image index (later images share the last)
-    image_feature_tokens: int = 0  # filled in: tokens per image the fusion reads (connector/resampler output)
 
     # --- language model -------------------------------------------------------------------
     lm_source: str = "scratch"  # "scratch" | hub id | folder | "smollm2-135m"
@@ -84,7 +103,6 @@ class VLMConfig:
     lm_max_position: int = 512
     lm_dropout: float = 0.0
     lm_tie_embeddings: bool = True
-    lm_config: dict[str, Any] | None = None  # the built LM's transformers config
     # LoRA (peft) on the LM: with lm_lr > 0 the trainer trains rank-r adapters on these projections
     # and keeps the LM's own weights frozen; save_pretrained merges them into the weights.
     lm_lora_rank: int = 0
@@ -93,16 +111,23 @@ class VLMConfig:
 
     # --- tokenizer and prompt -------------------------------------------------------------
     tokenizer_vocab_size: int = 1024  # for a tokenizer trained on the data
-    image_token: str = "<image>"
+    image_token: str = IMAGE_TOKEN
     system_prompt: str = ""  # used when a conversation has no system message, in training and generation
     # Where `ask`/`describe` put the image in the user's message: before the text (LLaVA's usual
     # layout) or after it. The trainer sets it from the training data, so a model is asked the way
     # it was trained. Explicit content lists (`generate`, the HTTP server) keep their own order.
     image_after_text: bool = False
-    image_token_id: int = -1  # filled in once the tokenizer exists
-    # Placeholder tokens per image in the prompt, filled in once the encoder and connector exist:
-    # the connector's output length for prefix/mixture, 1 for cross_attention.
-    tokens_per_image: int = 0
+
+    # --- computed when the model is built -------------------------------------------------
+    built: BuiltConfig = dataclasses.field(default_factory=BuiltConfig)
+
+    # Read access to the built fields under their own names (model.cfg.image_token_id, ...).
+    vision_config = property(lambda self: self.built.vision_config)
+    vision_num_patches = property(lambda self: self.built.vision_num_patches)
+    image_feature_tokens = property(lambda self: self.built.image_feature_tokens)
+    lm_config = property(lambda self: self.built.lm_config)
+    image_token_id = property(lambda self: self.built.image_token_id)
+    tokens_per_image = property(lambda self: self.built.tokens_per_image)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -121,6 +146,8 @@ class VLMConfig:
             raise ConfigError(f"connector_output_gain must be > 0, got {self.connector_output_gain}")
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+        if isinstance(self.built, dict):
+            self.built = BuiltConfig(**self.built)
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -128,11 +155,16 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
+        """From `to_dict`'s layout, or the flat one with the built fields at the top level."""
+        data = dict(data)
+        built = dict(data.pop("built", None) or {})
+        # the older flat layout kept the built fields at the top level
+        built.update({k: data.pop(k) for k in BUILT_FIELDS if k in data})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known) + sorted(set(built) - set(BUILT_FIELDS))
         if unknown:
             raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**data, built=BuiltConfig(**built))
 
     def save(self, folder: str | Path) -> None:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -150,4 +182,5 @@ class VLMConfig:
 
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(VLMConfig)]
+    """The user settings (the built fields are not settings)."""
+    return [f.name for f in dataclasses.fields(VLMConfig) if f.name != "built"]

@@ -69,7 +69,13 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        # x: [n, N, D] image tokens; latents: [n, L, D] -> [n, L, D]
+        """Args:
+            x: [n, N, D] image tokens.
+            latents: [n, L, D] the current latents.
+
+        Returns:
+            [n, L, D] the latents' attention output (to add to the latents).
+        """
         n, L, D = latents.shape
         h = self.heads
         lat = self.norm_latents(latents)
@@ -92,6 +98,12 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x: [n, N, D] image tokens (the connector's output).
+
+        Returns:
+            [n, L, D] the learned latents after reading the image (L = num_latents).
+        """
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)  # [n, L, D]
         for attn, ff in self.layers:
             latents = latents + attn(x, latents)
@@ -125,7 +137,14 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, visible: torch.Tensor | None
     ) -> torch.Tensor:
-        # x: [B, T, D]; kv: keys/values [B, h, M*L, dh] (None: no images); visible: [B, T, M] bool
+        """Args:
+            x: [B, T, D] hidden states entering a decoder layer.
+            kv: image keys and values from `media_kv`, each [B, h, M*L, dh]; None: no images.
+            visible: [B, T, M] bool, which of the M images each token may read; None: no images.
+
+        Returns:
+            [B, T, D] hidden states with the gated cross-attention and feed-forward added.
+        """
         if kv is not None and visible is not None and visible.shape[-1] > 0:
             B, T, D = x.shape
             h = self.heads
@@ -216,22 +235,38 @@ class CrossAttentionFusion(nn.Module):
             self._ctx = None
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
-        # connector output [n, N, D] -> what the blocks read [n, L, D]
+        """Args:
+            features: [n, N, D] connector output.
+
+        Returns:
+            [n, L, D] what the blocks read: the resampler's latents (L = resampler_latents), or the
+            features themselves (L = N) without a resampler.
+        """
         return self.resampler(features) if self.resampler is not None else features
 
     def run(self, model, input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep):
-        """The LM forward with the blocks conditioned on this batch's images. Returns (logits, cache)."""
+        """The LM forward with the blocks conditioned on this batch's images (see VisionLanguageModel.forward).
+
+        Args:
+            input_ids: [B, T]; one placeholder per image marks where it sits.
+            image_embeds: [n_images, L, D] from `encode_images`, only with the first forward.
+            cache: None, or the CrossAttentionCache a previous call returned.
+
+        Returns:
+            (logits [B, T or logits_to_keep, V], CrossAttentionCache or None).
+        """
         T = input_ids.shape[1]
-        is_image = input_ids == model.cfg.image_token_id  # [B, T]
         if isinstance(cache, CrossAttentionCache):
-            if bool(is_image.any()) or image_embeds is not None:
+            # a placeholder id in a decode step is a generated token: text, not a new image
+            if image_embeds is not None:
                 raise ValueError("images can only be given with the first (uncached) forward of a prompt")
             kv, image_cols, start, lm_cache = cache.kv, cache.image_cols, cache.seen, cache.lm
         else:
             if cache is not None:
                 raise TypeError(f"cross-attention fusion needs a CrossAttentionCache, got {type(cache).__name__}")
             start, lm_cache = 0, None
-            kv, image_cols = self._media(is_image, image_embeds)
+            n_images = 0 if image_embeds is None else image_embeds.shape[0]
+            kv, image_cols = self._media(model.image_slots(input_ids, n_images), image_embeds)
         cols = start + torch.arange(T, device=input_ids.device)
         visible = image_cols[:, None, :] <= cols[None, :, None]  # [B, T, M]: image placed at or before the token
         with self.conditioned(kv, visible):
@@ -247,16 +282,12 @@ class CrossAttentionFusion(nn.Module):
         return out.logits, new_cache
 
     def _media(self, is_image: torch.Tensor, image_embeds: torch.Tensor | None):
-        """Per-row image features and their placeholder columns; keys/values of every block."""
+        """Per-row image features and their placeholder columns; keys/values of every block.
+        is_image: [B, T] the placeholders the images fill (one per image, see `image_slots`)."""
         B = is_image.shape[0]
         counts = is_image.sum(1)  # [B] images per row
-        n = int(counts.sum())
         if image_embeds is None:
-            if n:
-                raise ValueError("the prompt has image placeholders but no images were given")
             return None, torch.empty(B, 0, dtype=torch.long, device=is_image.device)
-        if image_embeds.shape[0] != n:
-            raise ValueError(f"{n} image placeholder tokens (one per image) but {image_embeds.shape[0]} images")
         M = int(counts.max())
         rows, cols = is_image.nonzero(as_tuple=True)  # row-major = prompt order
         slot = (is_image.cumsum(1) - 1)[rows, cols]  # index of each image within its row

@@ -22,31 +22,68 @@ def looks_like_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
 
 
-def resolve_model_path(ref: str | os.PathLike, *, allow_download: bool | None = None) -> Path:
-    """A local folder for `ref`: the folder itself, the cached snapshot, or a fresh download."""
-    path = Path(os.path.expanduser(str(ref)))
-    if path.is_dir():
-        return path
-    ref = str(ref)
-    if not looks_like_hub_id(ref):
-        raise ModelNotFoundError(f"model '{ref}' is neither a local folder nor a hub id (org/name)")
-    from huggingface_hub import snapshot_download
+def _looks_like_path(ref: str) -> bool:
+    return (
+        ref.startswith((".", "/", "~"))
+        or os.sep in ref.strip("/").replace("/", "", 1)
+        or (os.altsep is not None and os.altsep in ref)
+        or ref.count("/") > 1
+    )
 
-    try:
-        return Path(snapshot_download(ref, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True))
-    except Exception:
-        pass
-    if allow_download is None:
-        allow_download = os.environ.get("VISPROMPT_ALLOW_DOWNLOAD", "0") in ("1", "true", "True")
-    if allow_download and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
-        try:
-            return Path(snapshot_download(ref, allow_patterns=MODEL_FILE_PATTERNS, etag_timeout=5))
-        except Exception:
-            pass
-    raise ModelNotFoundError(
+
+def _not_cached(ref: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
         f"model '{ref}' is not in the local cache and the hub cannot be reached; "
         f"run `visprompt pull {ref}` on a connected machine, or pass a local folder"
     )
+
+
+def _env_allows_download() -> bool:
+    return os.environ.get("VISPROMPT_ALLOW_DOWNLOAD", "0") in ("1", "true", "True")
+
+
+def resolve_model_path(
+    ref: str | os.PathLike,
+    *,
+    allow_download: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> Path:
+    """A local folder for `ref`: the folder itself, the cached snapshot of a hub id, or a fresh download.
+
+    `allow_download=None` follows VISPROMPT_ALLOW_DOWNLOAD; HF_HUB_OFFLINE=1 always forbids it.
+    Raises ModelNotFoundError (one line, no chained traceback) when the folder does not exist or the
+    hub id is not cached (and downloading is off or fails).
+    """
+    text = os.fspath(ref)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ModelNotFoundError(f"model '{text}' is a file, not a model folder")
+    if _looks_like_path(text):
+        raise ModelNotFoundError(f"model folder '{text}' does not exist")
+    if not looks_like_hub_id(text):
+        raise ModelNotFoundError(f"model '{text}' is neither a local folder nor a hub id (org/name)")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    kwargs = {"allow_patterns": MODEL_FILE_PATTERNS, "cache_dir": cache_dir, "revision": revision}
+    try:
+        return Path(snapshot_download(text, local_files_only=True, **kwargs))
+    except HFValidationError:
+        raise ModelNotFoundError(f"model '{text}' is neither a folder nor a valid hub id") from None
+    except Exception:  # noqa: BLE001 - not in the cache (the hub client raises several kinds)
+        pass
+    if allow_download is None:
+        allow_download = _env_allows_download()
+    if allow_download and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        try:
+            return Path(snapshot_download(text, etag_timeout=5, **kwargs))
+        except Exception:  # noqa: BLE001 - offline, unknown repo, gated: all mean "not available here"
+            pass
+    raise _not_cached(text) from None
 
 
 def pull(ref: str) -> Path:

@@ -69,10 +69,29 @@ def lm_config_dict(model: nn.Module) -> dict[str, Any]:
     return d
 
 
-def language_model_from_config(lm_config: dict[str, Any]) -> nn.Module:
-    """Rebuild the saved architecture with empty weights (they come from the checkpoint)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def lm_config_from_dict(lm_config: dict[str, Any]):
+    """The transformers config saved as a dict by `lm_config_dict`. Read sizes from it through the
+    config's own attributes (`get_text_config().hidden_size`): each family names its keys differently
+    (GPT-2's `n_embd`, `n_head`), and the attribute map translates."""
+    from transformers import AutoConfig
 
     d = dict(lm_config)
-    config = AutoConfig.for_model(d.pop("model_type"), **d)
-    return AutoModelForCausalLM.from_config(config)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def language_model_from_config(lm_config: dict[str, Any]) -> nn.Module:
+    """Rebuild the saved architecture with empty weights (they come from the checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(lm_config_from_dict(lm_config))
+
+
+def text_dims(lm: nn.Module) -> tuple[int, int, int]:
+    """(token-embedding width, decoder hidden size, attention heads) of a transformers causal LM.
+
+    The embedding width is what `inputs_embeds` takes; it differs from the hidden size in LMs that
+    project their embeddings (OPT's word_embed_proj_dim).
+    """
+    text = lm.config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None) or 0
+    return lm.get_input_embeddings().embedding_dim, int(text.hidden_size), int(heads)

@@ -39,9 +39,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every LoRA layer's delta added to its base weight, under the names the
     model has without adapters (no `base_layer.`, no `lora_` tensors). Tensors are copies."""
     from peft.tuners.lora import LoraLayer
-    from safetensors.torch import (
-        _remove_duplicate_names,  # the choice save_model makes for tied weights
-    )
 
     merged: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
@@ -50,11 +47,30 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
             merged[f"{prefix}.weight"] = (base.weight.detach() + delta).contiguous()
     state = model.state_dict()
-    dropped = {n for names in _remove_duplicate_names(state).values() for n in names}
+    tied = shared_names(state)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if "lora_" in name or name in dropped:
+        if "lora_" in name or name in tied:
             continue
         name = name.replace(".base_layer.", ".")
         out[name] = merged.get(name, tensor.detach()).clone().contiguous()
     return out
+
+
+def shared_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names whose tensor shares its memory with an earlier entry (tied weights): a checkpoint
+    stores each such tensor once, under its first name, and loading ties it back."""
+    seen: set[tuple] = set()
+    shared = set()
+    for name, tensor in state.items():
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tensor.shape,
+            tensor.stride(),
+        )
+        if key in seen:
+            shared.add(name)
+        seen.add(key)
+    return shared

@@ -55,7 +55,19 @@ class MixtureFusion(nn.Module):
         nn.init.zeros_(self.to_q.weight)  # start from uniform weights over the visible images
 
     def run(self, model, input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep):
-        """Returns (logits, cache, weights [B, K, J] or None)."""
+        """The mixture forward (see VisionLanguageModel.forward); a batch with at most one image per
+        prompt runs as prefix fusion.
+
+        Args:
+            input_ids: [B, T]; tokens_per_image placeholders per image.
+            image_embeds: [n_images, N, D] from `encode_images`, only with the first forward.
+            cache: None, a MixtureCache, or a prefix-fusion cache (<= 1 image per prompt).
+
+        Returns:
+            (logits [B, K, V], cache, weights [B, K, J] or None): K = T or logits_to_keep; logits are
+            the mixture's log-probabilities with several images, and weights the per-token image
+            weights a_ij.
+        """
         if cache is not None and not isinstance(cache, MixtureCache):  # decoding a <= 1-image batch
             return (
                 *model._prefix_forward(
@@ -65,9 +77,11 @@ class MixtureFusion(nn.Module):
             )
         B, T = input_ids.shape
         dev = input_ids.device
-        is_image = input_ids == model.cfg.image_token_id  # [B, T]
         if cache is None:
             N = model.cfg.tokens_per_image
+            # the placeholders the images fill; any other placeholder id is text (see image_slots)
+            n_image_tokens = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+            is_image = model.image_slots(input_ids, n_image_tokens)  # [B, T]
             n_images = is_image.sum(1) // N  # [B]
             if int(n_images.max()) <= 1:
                 return (
@@ -95,7 +109,8 @@ class MixtureFusion(nn.Module):
             keys = self.to_k(pooled)  # [B, J, d]
             removed_total, lm_cache, start = removed.sum(-1), None, 0
         else:
-            if bool(is_image.any()) or image_embeds is not None:
+            # a placeholder id in a decode step is a generated token: text, not a new image
+            if image_embeds is not None:
                 raise ValueError("images can only be given with the first (uncached) forward of a prompt")
             J = cache.real.shape[1]
             new_mask = attention_mask[:, -T:] if attention_mask is not None else torch.ones_like(input_ids)

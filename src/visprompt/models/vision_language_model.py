@@ -18,6 +18,7 @@ pass back, so one decode loop (engine/generation.py) serves all three. The fusio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelNotFoundError
-from .config import VLMConfig
+from .config import BuiltConfig, VLMConfig
 from .cross_attention import CrossAttentionFusion
-from .language_model import build_language_model, language_model_from_config, lm_config_dict
+from .language_model import build_language_model, language_model_from_config, lm_config_dict, text_dims
 from .mixture import MixtureFusion
 from .modality_projector import ModalityProjector
 from .tokenizer import prepare_tokenizer, train_tokenizer
@@ -74,7 +75,11 @@ class VisionLanguageModel(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def build(cls, cfg: VLMConfig, texts: Iterable[str] | None = None) -> VisionLanguageModel:
-        """Build every part from its source in cfg. A scratch LM trains its tokenizer on `texts`."""
+        """Build every part from its source in cfg. A scratch LM trains its tokenizer on `texts`.
+
+        `cfg` is left as given: the model keeps a filled copy as `model.cfg`, with the image settings
+        resolved (the encoder's own where cfg leaves them at 0 / ()) and `built` worked out.
+        """
         tokenizer = None
         if cfg.lm_source == "scratch":
             if texts is None:
@@ -84,14 +89,12 @@ class VisionLanguageModel(nn.Module):
         tokenizer = prepare_tokenizer(tokenizer, cfg.image_token)
         if lm.get_input_embeddings().num_embeddings < len(tokenizer):
             lm.resize_token_embeddings(len(tokenizer))
-        cfg.lm_config = lm_config_dict(lm)
-        cfg.image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
 
-        vision = VisionEncoder.build(cfg)
-        lm_dim = lm.get_input_embeddings().embedding_dim
+        vision, image = VisionEncoder.build(cfg)
+        lm_dim = _image_token_dim(cfg, lm)
         text_rms = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         with torch.no_grad():  # one dry run tells how many patch tokens an image becomes
-            cfg.vision_num_patches = vision.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            num_patches = vision.eval()(torch.zeros(1, 3, image.size, image.size)).shape[1]
         connector = ModalityProjector(
             vision.hidden_size,
             lm_dim,
@@ -99,16 +102,27 @@ class VisionLanguageModel(nn.Module):
             cfg.connector_pixel_shuffle,
             cfg.connector_dropout,
             output_scale=text_rms * cfg.connector_output_gain,
-            num_patches=cfg.vision_num_patches,
+            num_patches=num_patches,
             input_norm=cfg.connector_input_norm,
         )
-        n_tokens = connector.output_tokens(cfg.vision_num_patches)
+        n_tokens = connector.output_tokens(num_patches)
         if cfg.fusion == "cross_attention":
-            cfg.tokens_per_image = 1  # one placeholder marks the image's place; the blocks read its features
-            cfg.image_feature_tokens = cfg.resampler_latents or n_tokens
+            # one placeholder marks the image's place; the blocks read its features
+            tokens_per_image, feature_tokens = 1, cfg.resampler_latents or n_tokens
         else:
-            cfg.tokens_per_image = cfg.image_feature_tokens = n_tokens
-        return cls(cfg, vision, connector, lm, tokenizer)
+            tokens_per_image = feature_tokens = n_tokens
+        built = BuiltConfig(
+            vision_config=vision.config_dict(),
+            vision_num_patches=num_patches,
+            image_feature_tokens=feature_tokens,
+            lm_config=lm_config_dict(lm),
+            image_token_id=tokenizer.convert_tokens_to_ids(cfg.image_token),
+            tokens_per_image=tokens_per_image,
+        )
+        filled = dataclasses.replace(
+            cfg, image_size=image.size, image_mean=tuple(image.mean), image_std=tuple(image.std), built=built
+        )
+        return cls(filled, vision, connector, lm, tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
@@ -121,16 +135,16 @@ class VisionLanguageModel(nn.Module):
         tokenizer = _load_tokenizer(folder)
         with _skip_init():
             vision = VisionEncoder.from_config(cfg)
+            lm = language_model_from_config(cfg.lm_config)
             connector = ModalityProjector(
                 vision.hidden_size,
-                cfg.lm_config["hidden_size"],
+                _image_token_dim(cfg, lm),
                 cfg.connector_hidden_size,
                 cfg.connector_pixel_shuffle,
                 cfg.connector_dropout,
                 num_patches=cfg.vision_num_patches,
                 input_norm=cfg.connector_input_norm,
             )
-            lm = language_model_from_config(cfg.lm_config)
         model = cls(cfg, vision, connector, lm, tokenizer)
         # safetensors stores a tied tensor once under one of its names: tie first, so loading that
         # name fills both; any other missing weight is an error.
@@ -178,12 +192,27 @@ class VisionLanguageModel(nn.Module):
         return next(self.parameters()).device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [n_images, 3, H, W] -> image embeddings [n_images, image_feature_tokens, D_lm]
+        """Images -> the embeddings the fusion reads (encoder, connector, and the resampler if any).
+
+        Args:
+            pixel_values: [n_images, 3, H, W] normalised images (H = W = cfg.image_size).
+
+        Returns:
+            [n_images, image_feature_tokens, D] image embeddings; D is the LM's token-embedding width
+            (prefix, mixture) or its hidden size (cross-attention).
+        """
         return self.encode_vision_features(self.vision(pixel_values))
 
     def encode_vision_features(self, vision_features: torch.Tensor) -> torch.Tensor:
-        # The part of encode_images after the encoder: [n_images, N, Dv] patch tokens -> image embeddings.
-        # The trainer calls it on stored outputs of a frozen encoder.
+        """The part of `encode_images` after the encoder (the trainer calls it on stored outputs of a
+        frozen encoder).
+
+        Args:
+            vision_features: [n_images, N, Dv] patch tokens from `self.vision` (N = vision_num_patches).
+
+        Returns:
+            [n_images, image_feature_tokens, D] image embeddings, as `encode_images`.
+        """
         features = self.connector(vision_features)
         if isinstance(self.fusion, CrossAttentionFusion):
             features = self.fusion.encode(features)  # the resampler, when there is one
@@ -196,19 +225,51 @@ class VisionLanguageModel(nn.Module):
             out.extend([t] * self.cfg.tokens_per_image if t == self.cfg.image_token_id else [t])
         return out
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids: [B, T]; image_embeds: [n_images, tokens_per_image, D] in prompt order -> [B, T, D]
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        is_image = input_ids == self.cfg.image_token_id  # [B, T]
-        n_slots = int(is_image.sum())
-        if image_embeds is None:
-            if n_slots:
+    def image_slots(self, input_ids: torch.Tensor, n_image_tokens: int, strict: bool = False) -> torch.Tensor:
+        """Which placeholder positions `n_image_tokens` image tokens fill.
+
+        Args:
+            input_ids: [B, T] token ids.
+            n_image_tokens: image tokens given for this forward (prefix/mixture: images x
+                tokens_per_image; cross-attention: images, one placeholder each).
+            strict: every placeholder must be filled (a prompt); otherwise placeholders beyond the
+                filled ones (a generated placeholder id, ids after the prompt) are ordinary text tokens.
+
+        Returns:
+            [B, T] bool: the first `n_image_tokens` placeholders in prompt (row-major) order.
+        """
+        is_placeholder = input_ids == self.cfg.image_token_id  # [B, T]
+        n_placeholders = int(is_placeholder.sum())
+        if n_placeholders < n_image_tokens or (strict and n_placeholders != n_image_tokens):
+            if not n_image_tokens:
                 raise ValueError("the prompt has image placeholders but no images were given")
+            raise ValueError(f"{n_placeholders} image placeholder tokens but {n_image_tokens} image tokens")
+        if n_placeholders == n_image_tokens:
+            return is_placeholder
+        rank = is_placeholder.flatten().cumsum(0).reshape(is_placeholder.shape)  # 1-based, row-major
+        return is_placeholder & (rank <= n_image_tokens)
+
+    def embed(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, strict: bool = False
+    ) -> torch.Tensor:
+        """Input embeddings with image tokens in the placeholder slots (prefix fusion).
+
+        Args:
+            input_ids: [B, T] token ids.
+            image_embeds: [n_images, tokens_per_image, D] in prompt order, or None.
+            strict: raise unless the images fill every placeholder (for a whole prompt). Otherwise a
+                placeholder id no image fills (a decode step's, one after the prompt) embeds as text.
+
+        Returns:
+            [B, T, D] input embeddings.
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        n_image_tokens = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        slots = self.image_slots(input_ids, n_image_tokens, strict)  # [B, T]
+        if not n_image_tokens:
             return embeds
         flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)  # [n_images * N, D]
-        if flat.shape[0] != n_slots:
-            raise ValueError(f"{n_slots} image placeholder tokens but {flat.shape[0]} image tokens")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), flat)
+        return embeds.masked_scatter(slots.unsqueeze(-1), flat)
 
     def forward(
         self,
@@ -223,9 +284,34 @@ class VisionLanguageModel(nn.Module):
         logits_to_keep: int = 0,
         vision_features: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """Logits (mixture fusion with several images: log-probabilities) and, with use_cache, a cache
-        to pass back as past_key_values; its type depends on the fusion. Images come as pixel_values,
-        as the vision encoder's outputs (vision_features, [n_images, N, Dv]) or as image_embeds."""
+        """Next-token logits for a batch of prompts, with the images fused per cfg.fusion.
+
+        Images are given with the first (uncached) forward of a prompt, in one of three forms, and fill
+        the image placeholders in prompt (row-major) order; a placeholder id no image fills (a generated
+        token in a decode step, ids after the prompt) is an ordinary text token.
+
+        Args:
+            input_ids: [B, T] token ids: prefix/mixture: tokens_per_image placeholders per image;
+                cross-attention: one placeholder per image. With a cache, only the new tokens.
+            attention_mask: [B, T_total] 1 for real tokens, 0 for padding (T_total counts cached tokens).
+            pixel_values: [n_images, 3, H, W] normalised images, in prompt order across the batch.
+            image_embeds: [n_images, image_feature_tokens, D] already encoded images (`encode_images`).
+            labels: [B, T] targets aligned with input_ids (-100: no loss); position t predicts t+1.
+            position_ids: [B, T] positions of the new tokens (default: counting from the cache length).
+            past_key_values: the cache a previous call returned (its type depends on the fusion).
+            use_cache: return a cache for the next decode step.
+            logits_to_keep: > 0: logits for the last k positions only.
+            vision_features: [n_images, N, Dv] the vision encoder's outputs (`self.vision`).
+
+        Returns:
+            VLMOutput with
+                logits: [B, T, V] ([B, k, V] with logits_to_keep=k); mixture fusion with several images
+                    per prompt gives the mixture's log-probabilities.
+                loss: scalar next-token cross-entropy when labels are given, else None.
+                past_key_values: the cache to pass back with use_cache, else None.
+                mixture_weights: [B, T, J] per-token image weights a_ij of mixture fusion with several
+                    images, else None.
+        """
         if image_embeds is None and vision_features is not None:
             image_embeds = self.encode_vision_features(vision_features)
         elif image_embeds is None and pixel_values is not None:
@@ -260,15 +346,24 @@ class VisionLanguageModel(nn.Module):
         return out.logits, (out.get(self._cache_arg) if use_cache else None)
 
 
+def _image_token_dim(cfg: VLMConfig, lm: nn.Module) -> int:
+    """Width of the connector's output: the LM's token embeddings for prefix and mixture fusion (image
+    tokens stand in for them), the decoder's hidden size for cross-attention (the blocks read it)."""
+    embed_dim, hidden_size, _ = text_dims(lm)
+    return hidden_size if cfg.fusion == "cross_attention" else embed_dim
+
+
 def _build_fusion(cfg: VLMConfig, lm: nn.Module) -> nn.Module | None:
     if cfg.fusion == "prefix":
         return None
-    dim = lm.get_input_embeddings().embedding_dim
+    embed_dim, hidden_size, lm_heads = text_dims(lm)
     if cfg.fusion == "mixture":
-        return MixtureFusion(dim, cfg.mixture_max_images)
+        # scores read the final hidden state, the LM head's input, which has the embeddings' width
+        return MixtureFusion(embed_dim, cfg.mixture_max_images)
+    dim = hidden_size
     if cfg.image_feature_tokens < 1:
         raise ConfigError("image_feature_tokens is not set: build the model with VisionLanguageModel.build")
-    heads = cfg.xattn_heads or getattr(lm.config, "num_attention_heads", 0) or getattr(lm.config, "n_head", 0)
+    heads = cfg.xattn_heads or lm_heads
     if not heads:
         raise ConfigError("set xattn_heads: the LM's config does not say how many attention heads it has")
     return CrossAttentionFusion(

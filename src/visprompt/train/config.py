@@ -96,7 +96,7 @@ def _coerce(value: str, target: Any) -> Any:
 
 
 def _apply(obj: Any, key: str, value: Any, section: str) -> None:
-    names = {f.name for f in dataclasses.fields(obj)}
+    names = {f.name for f in dataclasses.fields(obj)} - {"built"}  # VLMConfig.built is computed, not a setting
     if key not in names:
         raise ConfigError(f"unknown {section} setting {key!r}")
     current = getattr(obj, key)

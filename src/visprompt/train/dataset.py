@@ -10,21 +10,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from ..data.llava import LlavaRecord
+from ..data.llava import IMAGE_TOKEN, LlavaRecord, record_conversation
 from ..images import ImagePreprocessor, load_image
-from ..models.chat import encode_training_example
+from ..models.chat import encode_training_example, to_chat
 
 IGNORE_INDEX = -100
-LLAVA_IMAGE_MARKER = "<image>"
 
 
 def record_chat(record: LlavaRecord, image_token: str, default_system: str = "") -> list[dict[str, str]]:
-    system = record.system or default_system
-    chat = [{"role": "system", "content": system}] if system else []
-    for human, gpt in record.turns:
-        chat.append({"role": "user", "content": human.replace(LLAVA_IMAGE_MARKER, image_token)})
-        chat.append({"role": "assistant", "content": gpt})
-    return chat
+    """The record as string-content chat messages, one `image_token` per image, rendered exactly as
+    a conversation is rendered for generation."""
+    return to_chat(record_conversation(record), image_token, default_system)[0]
 
 
 def record_texts(records: list[LlavaRecord]) -> list[str]:
@@ -34,7 +30,7 @@ def record_texts(records: list[LlavaRecord]) -> list[str]:
         if r.system:
             texts.append(r.system)
         for human, gpt in r.turns:
-            texts.append(human.replace(LLAVA_IMAGE_MARKER, "").strip())
+            texts.append(human.replace(IMAGE_TOKEN, "").strip())
             texts.append(gpt)
     return texts
 

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.llava import load_llava_records
+from ..data.llava import IMAGE_TOKEN, load_llava_records
 from ..engine.backends.own import OwnVLMBackend
 from ..errors import ConfigError
-from ..eval.vqa import evaluate_vqa
+from ..eval import evaluate
 from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
 from .config import Recipe
-from .dataset import LLAVA_IMAGE_MARKER, VLMDataset, collate, record_texts
+from .dataset import VLMDataset, collate, record_texts
 
 STATE_NAME = "trainer_state.pt"
 
@@ -133,8 +133,8 @@ def image_after_text(records) -> bool | None:
     after = before = 0
     for rec in records:
         for human, _ in rec.turns:
-            if LLAVA_IMAGE_MARKER in human:
-                if human.split(LLAVA_IMAGE_MARKER, 1)[0].strip():
+            if IMAGE_TOKEN in human:
+                if human.split(IMAGE_TOKEN, 1)[0].strip():
                     after += 1
                 else:
                     before += 1
@@ -258,7 +258,7 @@ class Trainer:
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         step = 0
         if resume_from:
-            state = torch.load(resume_from / STATE_NAME, weights_only=False)
+            state = torch.load(resume_from / STATE_NAME, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
             torch.set_rng_state(state["torch_rng"])
@@ -398,7 +398,7 @@ class Trainer:
                 )
                 loss_sum += float(out.loss) * batch["input_ids"].shape[0]
                 n += batch["input_ids"].shape[0]
-        report = evaluate_vqa(OwnVLMBackend(model), eval_records, batch_size=self.tc.eval_batch_size)
+        report = evaluate(OwnVLMBackend(model), eval_records, batch_size=self.tc.eval_batch_size)
         result = {"eval_loss": round(loss_sum / max(1, n), 5), **report.to_dict()}
         log.write(json.dumps({"step": step, **result, "eval_time_s": round(time.time() - t0, 1)}) + "\n")
         log.flush()

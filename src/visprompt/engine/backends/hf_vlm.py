@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from ...errors import ModelNotFoundError, VispromptError
+from ...errors import VispromptError
 from ...images import image_fingerprint
+from ...models.hub import resolve_model_path
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt
 from ...runtime.scheduler import Scheduler
@@ -79,57 +80,8 @@ def is_hf_vlm_folder(path: str | os.PathLike) -> bool:
     return cfg.get("model_type") in types or any(a in archs for a in (cfg.get("architectures") or []))
 
 
-def _looks_like_path(ref: str) -> bool:
-    return (
-        ref.startswith((".", "/", "~"))
-        or os.sep in ref.strip("/").replace("/", "", 1)
-        or (os.altsep is not None and os.altsep in ref)
-        or ref.count("/") > 1
-    )
-
-
-def _not_cached(ref: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"model '{ref}' is not in the local cache and the hub cannot be reached; "
-        f"run `visprompt pull {ref}` on a connected machine, or pass a local folder"
-    )
-
-
-def resolve_hf_ref(
-    ref: str | os.PathLike,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    revision: str | None = None,
-    allow_download: bool = False,
-) -> Path:
-    """A local folder for `ref`: the folder itself, or the cached snapshot of a hub id.
-
-    Raises ModelNotFoundError (one line, no traceback) when the folder does not exist or the hub id is
-    not cached (and downloading is off or fails).
-    """
-    text = os.fspath(ref)
-    folder = Path(text).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise ModelNotFoundError(f"model '{text}' is a file, not a model folder")
-    if _looks_like_path(text):
-        raise ModelNotFoundError(f"model folder '{text}' does not exist")
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except HFValidationError:
-        raise ModelNotFoundError(f"model '{text}' is neither a folder nor a valid hub id") from None
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        if not allow_download:
-            raise _not_cached(text) from None
-    try:
-        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir))
-    except Exception:  # noqa: BLE001 - offline, unknown repo, gated: all mean "not available here"
-        raise _not_cached(text) from None
+# One resolver for every model reference; the name this module has always exported.
+resolve_hf_ref = resolve_model_path
 
 
 def _check_vlm_folder(folder: Path, ref: str) -> None:

@@ -149,7 +149,8 @@ class OwnVLMBackend(ScheduledBackend):
     def _embed_prompt(self, prompt: Prompt) -> torch.Tensor:
         """[T, D] input embeddings of a prompt, image tokens fused."""
         with torch.inference_mode():
-            return self.model.embed(torch.tensor([prompt.ids], device=self.model.device), prompt.image_embeds)[0]
+            ids = torch.tensor([prompt.ids], device=self.model.device)
+            return self.model.embed(ids, prompt.image_embeds, strict=True)[0]
 
     def _quantized_decoder(self):
         """A LlamaCppLM that passed the quality gate, or None (with a warning) to stay on fp32."""
