@@ -4,7 +4,7 @@ Measures, on the real SmolLM2-135M weights, alternating the two paths round by r
 shared, so read the ratios): a prefill of T tokens after a 74-token prefix (T = 1 is one decode step
 of one sequence; T = 12 is the follow-up question of bench/generate.py), a batched decode step of
 B sequences, and lm_head alone for B rows (kernel panels vs oneDNN's packed product). This is
-where `KERNEL_ROWS` and `HEAD_KERNEL_ROWS` in engine/fast_decode.py come from.
+where `KERNEL_ROWS` and `HEAD_KERNEL_ROWS` in runtime/fast_decode.py come from.
 
     flock /tmp/visprompt-cpu.lock python bench/kernel_rows.py [--rounds 7] [--threads 2]
 """

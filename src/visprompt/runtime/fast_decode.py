@@ -13,7 +13,7 @@ modules when they have hooks, so hooks on them keep firing.
 Sequences live in *slots*: rows of one KV buffer `[layers, 2, rows, max_len, kv_heads, head_dim]`
 that grows by doubling (rows up to `max_batch`, positions up to the model's context), so a decode
 step allocates nothing big. Each sequence has its own length and its own positions (from 0), which
-is what lets requests join and leave a running batch (see `engine/scheduler.py`). Active sequences
+is what lets requests join and leave a running batch (see `runtime/scheduler.py`). Active sequences
 occupy rows 0..n-1; freeing one moves the last row into its place, so a decode step reads the
 cache through plain views.
 
@@ -257,7 +257,7 @@ class FastLM:
         (OwnVLMBackend does so when the weights' version counters change).
 
         kernels: run each layer of a step of up to `KERNEL_ROWS` rows as one call of the C++ kernel
-        (`engine/cpu_kernels.py`; panel copies of the weights when packed, the modules' own tensors
+        (`runtime/cpu_kernels.py`; panel copies of the weights when packed, the modules' own tensors
         otherwise). The default uses it when it builds on this machine and fits the model (else
         `kernel_reason` says why); True insists (ValueError if it cannot). With it on, the
         transposed one-row copies are not kept (the kernel does that job)."""
