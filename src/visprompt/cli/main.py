@@ -105,7 +105,7 @@ def evaluate(
     model: str = typer.Option(..., "--model", "-m"),
     data: Path = typer.Option(..., "--data", help="LLaVA JSON split with reference answers."),
     max_records: int = typer.Option(0, "--max-records", help="0: all."),
-    output: Path | None = typer.Option(None, "--output", help="Write the report JSON here."),
+    output: Path | None = typer.Option(None, "--output", help="Folder to write report.json into (created if missing)."),
 ):
     """Score a model's answers on a LLaVA-format split (normalised exact match)."""
     from ..engine.loading import load_backend

@@ -378,7 +378,7 @@ def generate_shapes_dataset(
     ("How many squares are there?\n<image>"), so the image tokens can attend to the question. In a
     diagnostic with perfect image features, a tiny LM trained from scratch on this layout reached
     92% held-out exact match in 1,500 steps, against 60% with the same questions image-first
-    (bench/diagnostics/shapes_learning.py, README). Changing the layout does not change the scenes.
+    (bench/archive/diagnostics/shapes_learning.py, docs/training.md). Changing the layout does not change the scenes.
 
     Deterministic: the same arguments give byte-identical files. Test scenes never share a
     signature (shapes, colours, sizes, cells) with a training scene or with each other.

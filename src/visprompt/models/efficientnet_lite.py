@@ -121,7 +121,7 @@ class EfficientNetLiteEncoder(nn.Module):
         output of block k (1..16), -1 (default) the head conv (1280 channels, stride 32), -2 the
         last block (320 channels). Only the layers up to the one asked for are run. The middle
         blocks keep more of where and what colour things are than the head, which was trained to
-        name ImageNet classes (bench/diagnostics/feature_probe.py measures this).
+        name ImageNet classes (bench/archive/diagnostics/feature_probe.py measures this).
         """
         n = self.num_hidden_states
         if not -n <= layer < n:

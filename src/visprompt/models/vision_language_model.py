@@ -11,7 +11,7 @@ Mixture fusion (models/mixture.py): one prefix-fusion branch per image, mixed pe
 returns the mixture's log-probabilities as logits.
 
 Whatever the fusion, `forward` takes the same arguments and returns logits and an opaque cache to
-pass back, so one decode loop (engine/generation.py) serves all three. The fusion's own weights
+pass back, so one decode core (runtime/sequence.py, through runtime/decoder.py's ReferenceDecoder) serves all three. The fusion's own weights
 (`fusion.*`) belong to the "connector" part for freezing and learning rates.
 """
 

@@ -15,7 +15,7 @@ modules when they have hooks, so hooks on them keep firing.
 Sequences live in *slots*: rows of one KV buffer `[layers, 2, rows, max_len, kv_heads, head_dim]`
 that grows by doubling (rows up to `max_batch`, positions up to the model's context), so a decode
 step allocates nothing big. Each sequence has its own length and its own positions (from 0), which
-is what lets requests join and leave a running batch (see `engine/scheduler.py`). Active sequences
+is what lets requests join and leave a running batch (see `runtime/scheduler.py`). Active sequences
 occupy rows 0..n-1; freeing one moves the last row into its place, so a decode step reads the
 cache through plain views.
 

@@ -1,4 +1,4 @@
-"""Next-token choice and stop conditions, shared by every decode loop in the engine."""
+"""Next-token choice and stop conditions, shared by every decoder in the runtime."""
 
 from __future__ import annotations
 

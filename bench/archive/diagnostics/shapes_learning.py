@@ -1,4 +1,4 @@
-"""Where does shapes-tiny's learning stall? A diagnostic training loop (session-3 notes, issue 2).
+"""Where does shapes-tiny's learning stall? A diagnostic training loop.
 
 Same model, tokenizer and dataset code as `visprompt train`, but a bare AdamW loop with a
 teacher-forced per-answer exact match by question kind on the held-out split. By default the
@@ -6,7 +6,7 @@ encoder + connector are replaced by an "oracle": perfect per-cell one-hot featur
 size, empty) read from the generator's scene records, so it measures how fast the LM side learns.
 
     visprompt data shapes /tmp/sh20k --train 20000 --test 200 --seed 0
-    python bench/diagnostics/shapes_learning.py --data /tmp/sh20k --set lm_hidden_size=128 lm_layers=2 --steps 3000 --every 250
+    python bench/archive/diagnostics/shapes_learning.py --data /tmp/sh20k --set lm_hidden_size=128 lm_layers=2 --steps 3000 --every 250
     ... --ofmt real --oscale 15      # oracle features through Linear + the connector's output LayerNorm, 15x louder
     ... --ofmt mlp --oscale 15       # ... through an MLP like the connector's
     ... --real [--linconn] [--bnin] [--oscale 15] [--recon 500] [--align 1000 --alignfile F]

@@ -1,8 +1,8 @@
-"""How much of the digit can the frozen EfficientNet-Lite0 feature map tell? (README, digits section.)
+"""How much of the digit can the frozen EfficientNet-Lite0 feature map tell? (docs/training.md, digits.)
 
     visprompt data mnist data/digits
-    python bench/digits_probe.py 128 head     # 16 tokens of 1280 at 128 px
-    python bench/digits_probe.py 224 head     # 49 tokens at 224 px
+    python bench/archive/digits_probe.py 128 head     # 16 tokens of 1280 at 128 px
+    python bench/archive/digits_probe.py 224 head     # 49 tokens at 224 px
 
 Features of the 4,000 training and 1,000 held-out digits are computed once (one thread), then a small
 probe (a per-token 2-layer MLP like the connector, then a linear classifier over all tokens) trains

@@ -1,7 +1,7 @@
 """A/B timing of FastLM's batch-1 decode step against torch.compile'd variants of it (docs/runtime.md).
 
-    NT=1 python bench/compile_decode/ab.py --variants c_base_baddbmm_dyn --rounds 5 --hf 1
-    NT=1 python bench/compile_decode/ab.py --variants c_base_baddbmm_dyn --rounds 5 --cpp_wrapper 1
+    NT=1 python bench/archive/compile_decode/ab.py --variants c_base_baddbmm_dyn --rounds 5 --hf 1
+    NT=1 python bench/archive/compile_decode/ab.py --variants c_base_baddbmm_dyn --rounds 5 --cpp_wrapper 1
 
 Variants alternate with the current path in one process (median ms/token over 64 greedy tokens);
 `c_<kv>_<matvec>_<dyn|static>`: kv `base` writes the KV cache with index_put_ on the whole buffer,
@@ -64,7 +64,7 @@ def gen_with(decode1):
 
 gen_base = gen_with(lambda s, token: dec.decode([s], [token]))
 
-import torch._inductor.config as icfg
+import torch._inductor.config as icfg  # noqa: E402 (imported only here, where the compiled variants are set up)
 
 if args.cpp_wrapper:
     icfg.cpp_wrapper = True

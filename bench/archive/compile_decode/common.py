@@ -1,7 +1,7 @@
 import torch
 
 torch.set_num_threads(2)
-from visprompt.models.gguf import load_gguf_causal_lm, packaged_smollm2_path
+from visprompt.models.gguf import load_gguf_causal_lm, packaged_smollm2_path  # noqa: E402 (after the thread count is set)
 
 
 def load():

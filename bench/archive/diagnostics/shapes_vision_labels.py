@@ -1,13 +1,13 @@
 """Can shapes-tiny's scratch encoder (+ connector) learn per-cell colour and shape from labels alone?
 
-The other half of `shapes_learning.py` (README, "Where this stands"): the recipe's encoder and
+The other half of `shapes_learning.py` (docs/training.md): the recipe's encoder and
 connector, a linear head on each of the 9 image tokens, per-cell colour (6 + empty) and shape
 (4 + empty) labels read from the generator's scene records, 400 AdamW steps of 32 images, one thread.
 Held-out accuracy is over occupied cells.
 
     visprompt data shapes /tmp/sh20k --train 20000 --test 200 --seed 0
-    python bench/diagnostics/shapes_vision_labels.py --data /tmp/sh20k            # encoder + connector train
-    python bench/diagnostics/shapes_vision_labels.py --data /tmp/sh20k --freeze   # random encoder frozen
+    python bench/archive/diagnostics/shapes_vision_labels.py --data /tmp/sh20k            # encoder + connector train
+    python bench/archive/diagnostics/shapes_vision_labels.py --data /tmp/sh20k --freeze   # random encoder frozen
 
 Shapes-specific by design (it reads scene records): diagnostics only, never part of the trainer.
 """

@@ -8,7 +8,7 @@ shape x size: 49 classes), then scored on the held-out scenes' cells. Features a
 channel; 300 Adam steps of 4,096 cells.
 
     visprompt data shapes data/shapes --train 20000 --test 200 --seed 0
-    python bench/diagnostics/feature_probe.py --data data/shapes --size 96
+    python bench/archive/diagnostics/feature_probe.py --data data/shapes --size 96
 
 Measured here (96 px, 4,000 training scenes, 200 held-out, one thread, 111 s): the head (1280
 channels, stride 32) names only 37% of objects exactly (colour 49%, shape 63%) and 3% of whole scenes;
