@@ -90,7 +90,7 @@ def compile_object(flags: list[str], out: str | Path) -> None:
     from torch.utils import cpp_extension
 
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    abi = int(torch.compiled_with_cxx11_abi())
     cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-fPIC", "-c", str(SOURCE), "-o", str(out), *flags]
     cmd += [f"-I{d}" for d in includes] + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={NAME}"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -110,19 +110,27 @@ def _build():
         return None, "the ninja package is not installed"
     flags = compile_flags()
     name = f"{NAME}_{build_key(flags=flags)}"
+    # one folder per build key, under torch's extension cache (TORCH_EXTENSIONS_DIR when set)
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    build_dir = Path(root) / name
     try:
-        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if not any(build_dir.glob(f"{name}*.so")):
-            print(
-                f"visprompt: compiling the decoder's C++ kernel for this CPU ({' '.join(flags)}; once, ~30 s)",
-                file=sys.stderr,
-                flush=True,
-            )
-    except Exception:  # only the notice depends on it
-        pass
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return None, f"cannot create the kernel's build folder {build_dir}: {exc}"
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(
+            f"visprompt: compiling the decoder's C++ kernel for this CPU ({' '.join(flags)}; once, ~30 s)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         module = cpp_extension.load(
-            name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
         )
     except Exception as exc:  # a compiler error must not stop generation: torch ops still work
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
