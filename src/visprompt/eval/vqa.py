@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..data.llava import LlavaRecord, load_llava_records, record_conversation
 from ..engine.backend import Backend, SamplingParams
+from ..engine.backends.own import OwnVLMBackend
 from .metrics import exact_match
 
 
@@ -47,7 +50,7 @@ def record_turn_conversations(record: LlavaRecord) -> list[tuple[list[dict], str
 
 
 def evaluate(
-    backend: Backend,
+    backend: Backend | torch.nn.Module,
     records: Sequence[LlavaRecord] | str | os.PathLike,
     *,
     batch_size: int = 32,
@@ -58,7 +61,8 @@ def evaluate(
     """Score a backend's answers on LLaVA-format records (normalised exact match).
 
     Args:
-        backend: anything with the Backend protocol's `generate(conversations, SamplingParams)`.
+        backend: anything with the Backend protocol's `generate(conversations, SamplingParams)`, or a
+            visprompt `VisionLanguageModel` (evaluated on its own backend, `OwnVLMBackend`).
         records: LLaVA records, or the path of a LLaVA JSON/JSONL file.
         batch_size: conversations per `generate` call.
         max_new_tokens: the longest answer generated (greedy decoding).
@@ -69,6 +73,8 @@ def evaluate(
         A VQAReport: exact match over every turn, per question kind when the records name kinds
         (`extra["kinds"]`), and the first mistakes.
     """
+    if not isinstance(backend, Backend):
+        backend = OwnVLMBackend(backend)
     if isinstance(records, (str, os.PathLike)):
         records = load_llava_records(records)
     if max_records:

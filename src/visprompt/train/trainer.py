@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.llava import IMAGE_TOKEN, load_llava_records
-from ..engine.backends.own import OwnVLMBackend
 from ..errors import ConfigError
 from ..eval import evaluate
 from ..images import ImagePreprocessor, load_image
@@ -398,7 +397,7 @@ class Trainer:
                 )
                 loss_sum += float(out.loss) * batch["input_ids"].shape[0]
                 n += batch["input_ids"].shape[0]
-        report = evaluate(OwnVLMBackend(model), eval_records, batch_size=self.tc.eval_batch_size)
+        report = evaluate(model, eval_records, batch_size=self.tc.eval_batch_size)
         result = {"eval_loss": round(loss_sum / max(1, n), 5), **report.to_dict()}
         log.write(json.dumps({"step": step, **result, "eval_time_s": round(time.time() - t0, 1)}) + "\n")
         log.flush()
