@@ -33,12 +33,12 @@ def noise_conv(seed: int, question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
-def own_backend(**kwargs):
+def own_backend(config=None, **kwargs):
     from visprompt.engine.backends.own import OwnVLMBackend
     from visprompt.models.vision_language_model import VisionLanguageModel
 
     torch.manual_seed(0)
-    model = spread_weights(VisionLanguageModel.build(tiny_config(), TEXTS)).eval()
+    model = spread_weights(VisionLanguageModel.build(config or tiny_config(), TEXTS)).eval()
     return OwnVLMBackend(model, **kwargs)
 
 
@@ -89,7 +89,8 @@ def starter_convs() -> list:
 
 def llama_cpp_backend():
     pytest.importorskip("llama_cpp")
-    backend = own_backend(quantize="q8_0", quality_threshold=0.0)
+    # llama.cpp packs rows in blocks of 32 values: an LM 64 wide
+    backend = own_backend(tiny_config(lm_hidden_size=64), quantize="q8_0", quality_threshold=0.0)
     backend.scheduler  # noqa: B018 - builds the decoder now: a warning would mean it fell back to fp32
     if backend.decoder_kind != "q8_0":
         pytest.skip("the llama.cpp decoder could not be built here")

@@ -47,7 +47,7 @@ def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    sizes = dict(
         vocab_size=300,
         hidden_size=64,
         intermediate_size=128,
@@ -55,8 +55,8 @@ def tiny_llama(**kw):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        **kw,
     )
+    cfg = LlamaConfig(**{**sizes, **kw})
     lm = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in lm.parameters():
@@ -522,6 +522,10 @@ def test_gguf_export_refuses_what_it_cannot_write(tmp_path):
     lm = tiny_llama(attention_bias=True)
     with pytest.raises(QuantizedUnavailable):
         write_gguf(lm, tmp_path / "x.gguf", "q8_0")
+    narrow = tiny_llama(hidden_size=48, intermediate_size=96)  # rows that do not fill 32-value blocks
+    with pytest.raises(QuantizedUnavailable, match="multiple of 32"):
+        write_gguf(narrow, tmp_path / "y.gguf", "q4_1")
+    assert write_gguf(narrow, tmp_path / "z.gguf", "f32").is_file()  # f32 has no blocks
 
 
 def test_llama_cpp_f32_export_matches_transformers(tmp_path):

@@ -116,6 +116,18 @@ def write_gguf(lm: nn.Module, path: str | os.PathLike, quant: str = "q8_0", name
         "f32": gguf.LlamaFileType.ALL_F32,
     }[quant]
 
+    if quant != "f32":  # llama.cpp quantizes rows in blocks: every matrix row must fill whole blocks
+        block = gguf.GGML_QUANT_SIZES[mat_type][0]
+        rows = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size}
+        rows["attention output"] = n_head * head_dim
+        odd = {k: int(v) for k, v in rows.items() if int(v) % block}
+        if odd:
+            raise QuantizedUnavailable(
+                f"{quant} packs weight rows in blocks of {block} values; this model's "
+                + ", ".join(f"{k} {v}" for k, v in odd.items())
+                + f" is not a multiple of {block}"
+            )
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
