@@ -573,7 +573,7 @@ def test_quantized_backend_passes_its_gate_and_batches(tmp_path, monkeypatch):
     # ... and on these image prompts: top-1 agreement along the fp32 greedy path
     with torch.inference_mode():
         prompts = [model.embed(torch.tensor([p]), e)[0] for p, e, _ in q8.encode_requests(CONVS)]
-    ag = agreement(FastLM(model.lm, max_batch=1), q8.scheduler.decoder, prompts, n_tokens=12)
+    ag = agreement(FastLM(model.lm, max_batch=1), q8.scheduler.decoder.inner, prompts, n_tokens=12)
     assert ag.teacher_forced >= 0.95, ag
     # continuous batching on llama.cpp = one-by-one on llama.cpp
     singles = [q8.generate([c], params)[0] for c in CONVS]

@@ -73,7 +73,7 @@ def evaluate(
         A VQAReport: exact match over every turn, per question kind when the records name kinds
         (`extra["kinds"]`), and the first mistakes.
     """
-    if not isinstance(backend, Backend):
+    if isinstance(backend, torch.nn.Module):  # a model, not a backend
         backend = OwnVLMBackend(backend)
     if isinstance(records, (str, os.PathLike)):
         records = load_llava_records(records)
