@@ -1,8 +1,10 @@
 """The command line and the Python API, as a user runs them: output, --json, exit codes."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -104,3 +106,23 @@ def test_the_console_command_prints_warnings_on_one_line(capsys):
         _one_line_warnings()
         warnings.warn("visprompt: decoding without the C++ layer kernel (no compiler)", stacklevel=1)
     assert capsys.readouterr().err == "warning: visprompt: decoding without the C++ layer kernel (no compiler)\n"
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_an_interrupted_command_exits_130_or_143_with_one_line(tmp_path, sig, code, line):
+    out = tmp_path / "shapes"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visprompt.cli.main", "data", "shapes", str(out), "--train", "200000", "--test", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(out.rglob("*.png")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # interrupt once the command is at work, not while Python starts
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err

@@ -185,21 +185,37 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by the console command's handler."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: VispromptError -> one line on stderr and exit 2; other exceptions -> exit 1."""
+    """Entry point: VispromptError -> one line on stderr and exit 2; other exceptions -> exit 1;
+    Ctrl-C (SIGINT) -> exit 130 and SIGTERM -> exit 143, each with one line."""
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns (not raises) the code of an abort or exit
+            if code == 130:
+                print("interrupted", file=sys.stderr)
+            return code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except VispromptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
+    except typer.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
         print("aborted", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors: message + exit 2
             e.show()
@@ -221,8 +237,15 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run() -> None:
+    import signal
+
     _one_line_warnings()  # the console command only: main() may run inside other programs' warning handling
+    signal.signal(signal.SIGTERM, _raise_terminated)
     sys.exit(main())
 
 
