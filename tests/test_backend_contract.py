@@ -229,3 +229,14 @@ def test_eight_threads_get_the_one_by_one_answers(case, background):
     assert [(r.text, r.token_ids, r.finish_reason) for r in got] == [
         (r.text, r.token_ids, r.finish_reason) for r in alone
     ]
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(case):
+    from visprompt.errors import VispromptError
+
+    _, backend, convs = case
+    conv = [dict(m) for m in convs[0]]
+    conv[-1] = {"role": "user", "content": "hello world " * 3000}  # past every context here (<= 8192)
+    with pytest.raises(VispromptError, match="context"):
+        backend.generate([conv], greedy())
+    assert backend.generate(convs[:1], greedy())[0].finish_reason in ("stop", "length")  # still serving
