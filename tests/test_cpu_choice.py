@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from test_runtime import tiny_llama as runtime_tiny_llama
 
 from visprompt.runtime import cpu, cpu_kernels
 from visprompt.runtime import kernel_plan as kp
@@ -92,24 +93,7 @@ def test_choose_rows_takes_the_threshold_that_loses_least():
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    lm = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in lm.parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn_like(p) * 0.4)
-    return lm
+    return runtime_tiny_llama(max_position_embeddings=256)
 
 
 @pytest.fixture

@@ -144,41 +144,20 @@ class EmbeddingDecoder:
         self.inner.import_kv(seq, kv)
 
 
-@dataclass
-class _RefState:
-    ids: list[int]  # prompt + fed tokens (what an uncached forward re-reads)
-    image_embeds: torch.Tensor | None
-    cache: Any = None
-
-
-class ReferenceDecoder:
-    """Any transformers-style model through its own forward and KV cache, one sequence at a time.
-
-    `model(input_ids [1, T], attention_mask, position_ids, past_key_values, use_cache,
-    logits_to_keep[, image_embeds])` must return `.logits` and the cache (`past_key_values`, or
-    `cache` in newer transformers). A `VisionLanguageModel` of any fusion and any
-    `AutoModelForCausalLM` qualify. With `use_cache=False` every step re-reads the whole sequence
-    (the check that the cache changes nothing).
-    """
+class PerSequenceDecoder:
+    """Slot bookkeeping for decoders that run each sequence through its own forward and cache.
+    Subclasses set `max_batch`, `max_len`, `_states`/`_ids` (via `_init_slots`), and implement
+    `_new_state`, `length`, `prefill` and `decode`."""
 
     supports_kv_export = False
 
-    def __init__(self, model: torch.nn.Module, max_batch: int = 16, use_cache: bool = True, max_len: int | None = None):
-        self.model = model
+    def _init_slots(self, max_batch: int) -> None:
         self.max_batch = int(max_batch)
-        self.use_cache = use_cache
-        cfg = getattr(model, "config", None) or getattr(getattr(model, "lm", None), "config", None)
-        text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-        self.max_len = int(max_len or getattr(text_cfg, "max_position_embeddings", 0) or 2048)
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-        self._takes_images = "image_embeds" in params
-        self._states: dict[int, _RefState] = {}
+        self._states: dict[int, Any] = {}
         self._ids = itertools.count()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def _new_state(self) -> Any:
+        raise NotImplementedError
 
     @property
     def sequences(self) -> list[int]:
@@ -188,17 +167,62 @@ class ReferenceDecoder:
         if len(self._states) >= self.max_batch:
             raise RuntimeError(f"all {self.max_batch} sequence slots are in use")
         seq = next(self._ids)
-        self._states[seq] = _RefState([], None)
+        self._states[seq] = self._new_state()
         return seq
 
     def free(self, seq: int) -> None:
         del self._states[seq]
 
-    def length(self, seq: int) -> int:
-        return len(self._states[seq].ids)
-
     def prepare(self, prompt: Prompt) -> None:
         pass
+
+    def prefill_many(self, seqs: Sequence[int], prompts: Sequence[Prompt], starts: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.prefill(s, p, st) for s, p, st in zip(seqs, prompts, starts)])
+
+    def export_kv(self, seq: int, n: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not export its KV cache")
+
+    def import_kv(self, seq: int, kv: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not import a KV cache")
+
+
+@dataclass
+class _RefState:
+    ids: list[int]  # prompt + fed tokens (what an uncached forward re-reads)
+    image_embeds: torch.Tensor | None
+    cache: Any = None
+
+
+class ReferenceDecoder(PerSequenceDecoder):
+    """Any transformers-style model through its own forward and KV cache, one sequence at a time.
+
+    `model(input_ids [1, T], attention_mask, position_ids, past_key_values, use_cache,
+    logits_to_keep[, image_embeds])` must return `.logits` and the cache (`past_key_values`, or
+    `cache` in newer transformers). A `VisionLanguageModel` of any fusion and any
+    `AutoModelForCausalLM` qualify. With `use_cache=False` every step re-reads the whole sequence
+    (the check that the cache changes nothing).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_batch: int = 16, use_cache: bool = True, max_len: int | None = None):
+        self.model = model
+        self._init_slots(max_batch)
+        self.use_cache = use_cache
+        cfg = getattr(model, "config", None) or getattr(getattr(model, "lm", None), "config", None)
+        text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+        self.max_len = int(max_len or getattr(text_cfg, "max_position_embeddings", 0) or 2048)
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+        self._takes_images = "image_embeds" in params
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _new_state(self) -> _RefState:
+        return _RefState([], None)
+
+    def length(self, seq: int) -> int:
+        return len(self._states[seq].ids)
 
     def _forward(self, ids: list[int], state: _RefState, cached: int) -> torch.Tensor:
         """Next-token logits [V] after `ids`, the first `cached` of which are in state.cache."""
@@ -227,9 +251,6 @@ class ReferenceDecoder:
         state.ids, state.image_embeds = list(prompt.ids), prompt.image_embeds
         return self._forward(state.ids, state, 0)
 
-    def prefill_many(self, seqs: Sequence[int], prompts: Sequence[Prompt], starts: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self.prefill(s, p, st) for s, p, st in zip(seqs, prompts, starts)])
-
     @torch.inference_mode()
     def decode(self, seqs: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         out = []
@@ -239,9 +260,3 @@ class ReferenceDecoder:
             state.ids.append(int(tok))
             out.append(self._forward(state.ids, state, cached))
         return torch.stack(out)
-
-    def export_kv(self, seq: int, n: int) -> torch.Tensor:
-        raise NotImplementedError("the reference decoder does not export its KV cache")
-
-    def import_kv(self, seq: int, kv: torch.Tensor) -> None:
-        raise NotImplementedError("the reference decoder does not import a KV cache")

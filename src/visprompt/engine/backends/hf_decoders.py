@@ -15,7 +15,6 @@ Two decoders, one protocol (`runtime.decoder.Decoder`):
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...runtime.decoder import Prompt
+from ...runtime.decoder import PerSequenceDecoder, Prompt
 
 
 class LanguageModelView(nn.Module):
@@ -92,14 +91,12 @@ class _GenState:
     out: Any = None  # the last forward's output (its cache is read by the next step)
 
 
-class HFGenerationDecoder:
+class HFGenerationDecoder(PerSequenceDecoder):
     """A transformers VLM through its own forward and generation hooks, one sequence at a time."""
-
-    supports_kv_export = False
 
     def __init__(self, model: nn.Module, max_batch: int = 16):
         self.model = model
-        self.max_batch = int(max_batch)
+        self._init_slots(max_batch)
         text_cfg = model.config.get_text_config()
         self.max_len = int(getattr(text_cfg, "max_position_embeddings", 0) or 2048)
         forward_params = set(inspect.signature(model.forward).parameters)
@@ -110,28 +107,12 @@ class HFGenerationDecoder:
         self._cache_position = "cache_position" in prep  # transformers 4.x
         self._first_kw = {"is_first_iteration": True} if "is_first_iteration" in prep else {}
         self._step_kw = {"next_sequence_length": 1} if "next_sequence_length" in prep else {}
-        self._states: dict[int, _GenState] = {}
-        self._ids = itertools.count()
 
-    @property
-    def sequences(self) -> list[int]:
-        return list(self._states)
-
-    def new_sequence(self) -> int:
-        if len(self._states) >= self.max_batch:
-            raise RuntimeError(f"all {self.max_batch} sequence slots are in use")
-        seq = next(self._ids)
-        self._states[seq] = _GenState(torch.empty(1, 0, dtype=torch.long), {})
-        return seq
-
-    def free(self, seq: int) -> None:
-        del self._states[seq]
+    def _new_state(self) -> _GenState:
+        return _GenState(torch.empty(1, 0, dtype=torch.long), {})
 
     def length(self, seq: int) -> int:
         return self._states[seq].input_ids.shape[1]
-
-    def prepare(self, prompt: Prompt) -> None:
-        pass
 
     @torch.inference_mode()
     def prefill(self, seq: int, prompt: Prompt, start: int = 0) -> torch.Tensor:
@@ -154,9 +135,6 @@ class HFGenerationDecoder:
         self._states[seq] = _GenState(input_ids, kwargs, out)
         return out.logits[0, -1]
 
-    def prefill_many(self, seqs: Sequence[int], prompts: Sequence[Prompt], starts: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self.prefill(s, p, st) for s, p, st in zip(seqs, prompts, starts)])
-
     @torch.inference_mode()
     def decode(self, seqs: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         out = []
@@ -171,9 +149,3 @@ class HFGenerationDecoder:
             st.out = self.model(**inputs, return_dict=True)
             out.append(st.out.logits[0, -1])
         return torch.stack(out)
-
-    def export_kv(self, seq: int, n: int) -> torch.Tensor:
-        raise NotImplementedError("transformers' cache is not exported")
-
-    def import_kv(self, seq: int, kv: torch.Tensor) -> None:
-        raise NotImplementedError("transformers' cache is not imported")
