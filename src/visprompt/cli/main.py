@@ -113,8 +113,9 @@ def evaluate(
 
     report = evaluate_answers(load_backend(model), data, max_records=max_records)
     if output:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        from ..files import atomic_write_text
+
+        atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     print(json.dumps(report.to_dict()))
 
 

@@ -39,6 +39,7 @@ from .tokenizer import prepare_tokenizer, train_tokenizer
 from .vision_encoder import VisionEncoder
 
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"  # written last: a folder without it is an incomplete save
 PARTS = ("vision", "connector", "lm")
 
 
@@ -131,6 +132,8 @@ class VisionLanguageModel(nn.Module):
         folder = Path(folder)
         if not (folder / WEIGHTS_NAME).is_file():
             raise ModelNotFoundError(f"{folder} has no {WEIGHTS_NAME}: not a saved visprompt model")
+        if not (folder / CONFIG_NAME).is_file():
+            raise ModelNotFoundError(f"{folder} has no {CONFIG_NAME}: an incomplete save, or not a visprompt model")
         cfg = VLMConfig.load(folder)
         tokenizer = _load_tokenizer(folder)
         with _skip_init():
@@ -157,17 +160,28 @@ class VisionLanguageModel(nn.Module):
             )
         return model.to(device).eval()
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_model
+    def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None) -> None:
+        """Write config.json, model.safetensors and the tokenizer into `folder`, atomically: a kill
+        at any moment leaves the previous save (or nothing), never a mix (see `visprompt.files`).
+        LoRA adapters are merged into plain weights: the folder loads as a plain model.
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(folder)
+        extra_files: name -> text of files saved with the model in the same step (a model card,
+        a training summary), so they always describe the weights beside them.
+        """
+        from ..files import staged_folder
+
+        with staged_folder(folder, commit_file=CONFIG_NAME) as tmp:
+            self._write(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+
+    def _write(self, folder: Path) -> None:
+        from safetensors.torch import save_file, save_model
+
         from .lora import has_lora, merged_state_dict
 
-        if has_lora(self):  # adapters merged in: the folder loads as a plain model
-            from safetensors.torch import save_file
-
+        self.cfg.save(folder)
+        if has_lora(self):
             save_file(merged_state_dict(self), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         else:
             save_model(self, str(folder / WEIGHTS_NAME))  # handles tied embeddings

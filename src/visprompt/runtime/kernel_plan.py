@@ -26,6 +26,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 ENV = "VISPROMPT_KERNEL_ROWS"
 LAYER_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 HEAD_GRID = (1, 2, 4, 8, 16)
@@ -141,10 +143,7 @@ def save(key: str, plan: KernelPlan, about: dict | None = None) -> None:
     _memo[key] = plan
     path = plan_path(key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**asdict(plan), "about": about or {}}, indent=1, ensure_ascii=False))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({**asdict(plan), "about": about or {}}, indent=1, ensure_ascii=False))
     except OSError:
         pass
 
