@@ -89,7 +89,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, shapes_dir):
     summary = Trainer(load_recipe(path, ["max_steps=6", "resume=true"])).train()
     assert summary["steps"] == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 4, 6]  # resumed from checkpoint-2 (checkpoints are mid-run only), logged 4 and 6 again
+    assert steps == [2, 4, 6]  # resumed from checkpoint-2 (checkpoints are mid-run only); the log keeps each step once
     Trainer(load_recipe(path)).train()  # a fresh run into the same folder: a fresh log
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]

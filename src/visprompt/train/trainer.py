@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from functools import partial
@@ -22,12 +21,25 @@ from torch.utils.data import DataLoader
 from ..data.llava import IMAGE_TOKEN, load_llava_records
 from ..errors import ConfigError
 from ..eval import evaluate
+from ..files import atomic_write_text, remove_stale_temporaries
 from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
+from .checkpoint import (
+    complete_checkpoints,
+    load_state,
+    newest_checkpoint,
+    remove_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trim_metrics,
+)
 from .config import Recipe
 from .dataset import VLMDataset, collate, record_texts
+from .interrupt import StopRequest
+from .sampler import EpochBatches
 
-STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "metrics.jsonl"
 
 
 def freeze_parts(model: VisionLanguageModel, lrs: dict[str, float]) -> dict[str, int]:
@@ -163,10 +175,6 @@ class Trainer:
             texts = record_texts(train_records)
         return VisionLanguageModel.build(self.recipe.model, texts=texts)
 
-    def _latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return ckpts[-1] if ckpts else None
-
     # -- run -------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train; with stages, run them in order on one model. Earlier stages save to
@@ -184,7 +192,9 @@ class Trainer:
                 summaries.append({"stage": name, **json.loads(done.read_text())})
                 model, prev = None, out
                 continue
-            if model is None and i > 0 and not (tc.resume and self._has_checkpoint(out)):
+            if tc.resume and i > 0 and not complete_checkpoints(out):
+                tc = dataclasses.replace(tc, resume=False)  # resuming at the start of this stage
+            if model is None and i > 0 and not tc.resume:
                 tc = dataclasses.replace(tc, init_from=str(prev))
             print(f"stage {i + 1}/{len(self.recipe.stages)}: {name} ({tc.train_data})", file=sys.stderr, flush=True)
             summary = self._train_stage(tc, model)
@@ -194,12 +204,8 @@ class Trainer:
         final.pop("stage")
         final["train_time_s"] = round(sum(s["train_time_s"] for s in summaries), 1)
         final["stages"] = summaries
-        (base / "train_summary.json").write_text(json.dumps(final, indent=2) + "\n")
+        atomic_write_text(base / "train_summary.json", json.dumps(final, indent=2) + "\n")
         return final
-
-    @staticmethod
-    def _has_checkpoint(out: Path) -> bool:
-        return any(out.glob("checkpoint-*"))
 
     def _train_stage(self, tc, model: VisionLanguageModel | None = None) -> dict[str, Any]:
         """One training run with settings `tc`; `model`: continue training this model in memory."""
@@ -211,7 +217,8 @@ class Trainer:
         train_records = load_llava_records(tc.train_data)
         eval_records = load_llava_records(tc.eval_data)[: tc.eval_max_records] if tc.eval_data else []
 
-        resume_from = self._latest_checkpoint() if tc.resume else None
+        remove_stale_temporaries(self.out)  # what a killed save left behind
+        resume_from = newest_checkpoint(self.out) if tc.resume else None
         if resume_from:
             model = VisionLanguageModel.from_pretrained(resume_from)
         elif model is None:
@@ -234,14 +241,20 @@ class Trainer:
         if not len(dataset):
             raise ConfigError("no training examples left (all longer than max_length?)")
         eval_dataset = VLMDataset(eval_records, model, tc.max_length, preprocess) if eval_records else None
-        pad_id = model.tokenizer.pad_token_id
+        batches = EpochBatches(len(dataset), tc.batch_size, tc.seed, len(dataset) > tc.batch_size, tc.grad_accum)
+        steps_per_epoch = batches.steps_per_epoch()
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"grad_accum={tc.grad_accum} batches of batch_size={tc.batch_size} need more than the "
+                f"{len(dataset)} training examples: lower grad_accum or batch_size"
+            )
+        # Own generator: making a loader iterator must not draw from the global RNG (dropout's), or a
+        # resumed run, which starts its iterator mid-epoch, would draw different numbers.
         loader = DataLoader(
             dataset,
-            batch_size=tc.batch_size,
-            shuffle=True,
-            collate_fn=partial(collate, pad_id=pad_id),
+            batch_sampler=batches,
+            collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id),
             generator=torch.Generator().manual_seed(tc.seed),
-            drop_last=len(dataset) > tc.batch_size,
         )
 
         lrs = {"vision": tc.vision_lr, "connector": tc.connector_lr, "lm": tc.lm_lr}
@@ -251,106 +264,128 @@ class Trainer:
             self._store_vision_features(dataset, model, tc)
         train_mode(model, lrs)
         optimizer = build_optimizer(model, lrs, tc.weight_decay)
-        steps_per_epoch = max(1, len(loader) // tc.grad_accum)
         total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
         warmup = int(tc.warmup_ratio * total)
         base_lrs = [g["lr"] for g in optimizer.param_groups]
-        step = 0
-        if resume_from:
-            state = torch.load(resume_from / STATE_NAME, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            step = state["step"]
-            torch.set_rng_state(state["torch_rng"])
+        # What a checkpoint carries besides the model, beside the optimizer and the RNGs.
+        run = {"step": 0, "window_loss": 0.0, "window_n": 0}
         self.out.mkdir(parents=True, exist_ok=True)
-        # A resumed run continues its log; a fresh run into the same folder starts a new one.
-        log = (self.out / "metrics.jsonl").open("a" if resume_from else "w")
+        metrics = self.out / METRICS_NAME
+        if resume_from:
+            state = load_state(resume_from, model)
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"], dataset.rng)
+            run = {k: state[k] for k in run}
+            trim_metrics(metrics, run["step"])
+        else:
+            dropped = remove_checkpoints(self.out)
+            if dropped:
+                print(f"removed {dropped} checkpoint(s) of an earlier run in {self.out}", file=sys.stderr)
+            metrics.write_text("")  # a fresh run into the same folder starts a fresh log
+        log = metrics.open("a")
+        step = run["step"]
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(counts.values())
         print(
             f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
             f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {cfg.tokens_per_image} tokens per image; "
-            f"{len(dataset)} examples, {total} steps" + (f", resuming at step {step}" if resume_from else ""),
+            f"{len(dataset)} examples, {total} steps"
+            + (f", resuming at step {step} from {resume_from}" if resume_from else ""),
             file=sys.stderr,
         )
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
 
+        def checkpoint() -> Path:
+            state = {"step": step, "window_loss": window_loss, "window_n": window_n}
+            state.update(optimizer=optimizer.state_dict(), rng=rng_state(dataset.rng))
+            return save_checkpoint(self.out, model, state, tc.save_total_limit)
+
         progress = Progress(total, step)
         start_step = step
-        t_start, samples, window_loss, window_n = time.time(), 0, 0.0, 0
+        t_start, samples = time.time(), 0
+        window_loss, window_n = run["window_loss"], run["window_n"]
         self.eval_seconds = 0.0  # evaluation time, left out of samples/s and ETA
-        epoch = step // steps_per_epoch
         final_eval: dict[str, Any] = {}
-        try:
-            while step < total:
-                for micro, batch in enumerate(loader):
-                    with autocast:
-                        out = model(
-                            batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"],
-                            vision_features=batch.get("vision_features"),
-                            labels=batch["labels"],
-                        )
-                    (out.loss / tc.grad_accum).backward()
-                    window_loss += out.loss.item()
-                    window_n += 1
-                    samples += batch["input_ids"].shape[0]
-                    if (micro + 1) % tc.grad_accum:
-                        continue
-                    scale = warmup_cosine(step, total, warmup, tc.min_lr_ratio)
-                    for g, base in zip(optimizer.param_groups, base_lrs):
-                        g["lr"] = base * scale
-                    if tc.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    if step % tc.log_every == 0 or step == total:
-                        elapsed = time.time() - t_start - self.eval_seconds
-                        rate = samples / max(elapsed, 1e-9)
-                        loss = window_loss / max(1, window_n)
-                        eta = (total - step) * elapsed / max(1, step - start_step)
-                        progress.update(step, f"loss {loss:.4f} | {rate:.1f} samples/s | ETA {_eta(eta)}")
-                        log.write(
-                            json.dumps(
-                                {
-                                    "step": step,
-                                    "epoch": epoch,
-                                    "loss": round(loss, 5),
-                                    "lr": optimizer.param_groups[0]["lr"],
-                                    "samples_per_s": round(rate, 2),
-                                    "elapsed_s": round(elapsed, 1),
-                                }
+        with StopRequest() as stop:
+            try:
+                while step < total:
+                    epoch, done = divmod(step, steps_per_epoch)
+                    batches.set_position(epoch, done * tc.grad_accum)
+                    for micro, batch in enumerate(loader):
+                        with autocast:
+                            out = model(
+                                batch["input_ids"],
+                                attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"],
+                                vision_features=batch.get("vision_features"),
+                                labels=batch["labels"],
                             )
-                            + "\n"
-                        )
-                        log.flush()
-                        window_loss, window_n = 0.0, 0
-                    if tc.eval_every and step % tc.eval_every == 0 and step < total and eval_records:
-                        self._log_eval(model, eval_records, eval_dataset, step, log, progress)
-                    if tc.save_every and step % tc.save_every == 0 and step < total:
-                        self._save_checkpoint(model, optimizer, step)
-                    if step >= total:
+                        (out.loss / tc.grad_accum).backward()
+                        window_loss += out.loss.item()
+                        window_n += 1
+                        samples += batch["input_ids"].shape[0]
+                        if (micro + 1) % tc.grad_accum:
+                            continue
+                        scale = warmup_cosine(step, total, warmup, tc.min_lr_ratio)
+                        for g, base in zip(optimizer.param_groups, base_lrs):
+                            g["lr"] = base * scale
+                        if tc.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(
+                                [p for p in model.parameters() if p.requires_grad], tc.grad_clip
+                            )
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        if step % tc.log_every == 0 or step == total:
+                            elapsed = time.time() - t_start - self.eval_seconds
+                            rate = samples / max(elapsed, 1e-9)
+                            loss = window_loss / max(1, window_n)
+                            eta = (total - step) * elapsed / max(1, step - start_step)
+                            progress.update(step, f"loss {loss:.4f} | {rate:.1f} samples/s | ETA {_eta(eta)}")
+                            row = {
+                                "step": step,
+                                "epoch": epoch,
+                                "loss": round(loss, 5),
+                                "lr": optimizer.param_groups[0]["lr"],
+                                "samples_per_s": round(rate, 2),
+                                "elapsed_s": round(elapsed, 1),
+                            }
+                            log.write(json.dumps(row) + "\n")
+                            log.flush()
+                            window_loss, window_n = 0.0, 0
+                        if tc.eval_every and step % tc.eval_every == 0 and step < total and eval_records:
+                            self._log_eval(model, eval_records, eval_dataset, step, log, progress)
+                        if tc.save_every and step % tc.save_every == 0 and step < total:
+                            checkpoint()
+                        if stop.requested or step >= total:
+                            break
+                    if stop.requested:
                         break
-                epoch += 1
-        finally:
-            progress.close()
-        train_time = time.time() - t_start - self.eval_seconds
-        if eval_records:
-            final_eval = self._log_eval(model, eval_records, eval_dataset, step, log, None)
-        log.close()
-        model.eval()
-        model.save_pretrained(self.out)
-        summary = {
-            "steps": step,
-            "train_time_s": round(train_time, 1),
-            "examples": len(dataset),
-            "parameters": total_params,
-            "trainable_parameters": trainable,
-            **{f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"},
-        }
-        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._write_model_card(summary)
+            finally:
+                progress.close()
+            train_time = time.time() - t_start - self.eval_seconds
+            if stop.requested:  # mid-run: a checkpoint after the step that was running
+                log.close()
+                folder = checkpoint()
+                print(f"stopped at step {step}: saved {folder}; continue with --resume", file=sys.stderr, flush=True)
+                stop.stop()
+            if eval_records:
+                final_eval = self._log_eval(model, eval_records, eval_dataset, step, log, None)
+            log.close()
+            model.eval()
+            summary = {
+                "steps": step,
+                "train_time_s": round(train_time, 1),
+                "examples": len(dataset),
+                "parameters": total_params,
+                "trainable_parameters": trainable,
+                **{f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"},
+            }
+            # Weights, summary and card in one atomic save: they always describe each other.
+            card = {"train_summary.json": json.dumps(summary, indent=2) + "\n", "README.md": self._model_card(summary)}
+            model.save_pretrained(self.out, extra_files=card)
+            if stop.requested:  # during the final evaluation or save: the model is saved, stop now
+                stop.stop()
         return summary
 
     @staticmethod
@@ -409,17 +444,7 @@ class Trainer:
         train_mode(model, self.lrs)
         return result
 
-    def _save_checkpoint(self, model, optimizer, step: int) -> None:
-        folder = self.out / f"checkpoint-{step}"
-        model.save_pretrained(folder)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}, folder / STATE_NAME
-        )
-        ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[: -self.tc.save_total_limit]:
-            shutil.rmtree(old)
-
-    def _write_model_card(self, summary: dict[str, Any]) -> None:
+    def _model_card(self, summary: dict[str, Any]) -> str:
         lines = ["# visprompt model", "", f"Trained with `visprompt train` on `{self.tc.train_data}`.", ""]
         lines += [f"- {k}: {v}" for k, v in summary.items()]
-        (self.out / "README.md").write_text("\n".join(lines) + "\n")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,125 @@
+"""Training checkpoints: `OUTPUT/checkpoint-STEP/`, a loadable model plus `trainer_state.pt`, which
+holds everything else a resumed run needs to continue exactly as if it had not stopped: the
+optimizer, every random number generator, the running log counters and, with LoRA, the unmerged
+base weights and adapters (the model file holds them merged, so that a checkpoint loads like any
+model). Each checkpoint is written atomically: a folder with this name is complete."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..files import atomic_write_text, staged_folder
+from ..models.lora import has_lora
+from ..models.vision_language_model import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
+
+STATE_NAME = "trainer_state.pt"
+PREFIX = "checkpoint-"
+
+
+def _step_of(path: Path) -> int | None:
+    tail = path.name[len(PREFIX) :]
+    return int(tail) if path.name.startswith(PREFIX) and tail.isdigit() else None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """`checkpoint-STEP` folders with every file a resume needs, oldest first."""
+    found = []
+    for path in out.glob(f"{PREFIX}*"):
+        step = _step_of(path)
+        if step is not None and all((path / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME)):
+            found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def newest_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint in `out`; a ConfigError when there is none."""
+    ckpts = complete_checkpoints(out)
+    if not ckpts:
+        raise ConfigError(
+            f"--resume: no complete checkpoint ({PREFIX}STEP/ with {STATE_NAME}) in {out}; "
+            "run without --resume to start from the beginning"
+        )
+    return ckpts[-1]
+
+
+def remove_checkpoints(out: Path) -> int:
+    """Delete every checkpoint folder in `out` (a fresh run must not be resumed from an older run's)."""
+    old = [p for p in out.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) is not None]
+    for path in old:
+        shutil.rmtree(path)
+    return len(old)
+
+
+def rng_state(dataset_rng: random.Random) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "dataset": dataset_rng.getstate()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (name, keys.tolist(), pos, has_gauss, gauss)  # plain values: loads with weights_only
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any], dataset_rng: random.Random) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    dataset_rng.setstate(state["dataset"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a merged save loses: LoRA adapters and the base weights they wrap."""
+    if not has_lora(model):
+        return {}
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if "lora_" in n or ".base_layer." in n}
+
+
+def save_checkpoint(out: Path, model: VisionLanguageModel, state: dict[str, Any], keep: int) -> Path:
+    """Write `out/checkpoint-STEP` atomically, then keep only the newest `keep` checkpoints."""
+    folder = out / f"{PREFIX}{state['step']}"
+    with staged_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        torch.save({**state, "lora": lora_tensors(model)}, tmp / STATE_NAME)
+    for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return folder
+
+
+def load_state(folder: Path, model: VisionLanguageModel) -> dict[str, Any]:
+    """The checkpoint's trainer state; puts its unmerged LoRA tensors back into `model`."""
+    state = torch.load(folder / STATE_NAME, weights_only=True)
+    if state.get("lora"):
+        missing = set(state["lora"]) - set(model.state_dict())
+        if missing:
+            raise ConfigError(f"{folder}: its LoRA adapters do not fit the model ({sorted(missing)[:2]})")
+        model.load_state_dict(state["lora"], strict=False)
+    return state
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the log rows up to `step` (those of the run being resumed); drop later rows and a
+    last row cut short by a kill, so that each step is logged once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
