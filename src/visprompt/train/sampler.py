@@ -1,5 +1,7 @@
 """The order of training batches: a shuffle per epoch that depends only on (seed, epoch), so a
-resumed run takes the same batches from the same position as a run that was never stopped."""
+resumed run takes the same batches from the same position as a run that was never stopped, and
+several processes split each global batch between them (rank r takes the r-th slice), so that N
+processes see the same global batches as one process with an N times larger batch."""
 
 from __future__ import annotations
 
@@ -16,21 +18,25 @@ class EpochBatches(Sampler[list[int]]):
 
     Args:
         n: dataset size.
-        batch_size: examples per batch.
+        batch_size: examples per batch and process.
         seed: with `epoch`, fixes the shuffle.
         drop_last: drop a last batch smaller than `batch_size`.
         group: batches per optimizer step (gradient accumulation).
+        rank, world: this process's slice of each global batch of `batch_size * world` examples.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = True, group: int = 1):
-        self.n, self.batch_size, self.seed, self.drop_last, self.group = n, batch_size, seed, drop_last, group
+    def __init__(
+        self, n: int, batch_size: int, seed: int, drop_last: bool = True, group: int = 1, rank: int = 0, world: int = 1
+    ):
+        self.n, self.seed, self.drop_last, self.group = n, seed, drop_last, group
+        self.global_batch, self.local, self.rank = batch_size * world, batch_size, rank
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def batches_per_epoch(self) -> int:
-        full = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        full = self.n // self.global_batch if self.drop_last else -(-self.n // self.global_batch)
         return full - full % self.group
 
     def steps_per_epoch(self) -> int:
@@ -42,4 +48,5 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         for b in range(self.start, self.batches_per_epoch()):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            batch = order[b * self.global_batch : (b + 1) * self.global_batch]
+            yield batch[self.rank * self.local : (self.rank + 1) * self.local].tolist()

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.llava import IMAGE_TOKEN, load_llava_records
-from ..errors import ConfigError
+from ..errors import ConfigError, VispromptError
 from ..eval import evaluate
 from ..files import atomic_write_text, remove_stale_temporaries
 from ..images import ImagePreprocessor, load_image
@@ -35,7 +36,8 @@ from .checkpoint import (
     trim_metrics,
 )
 from .config import Recipe
-from .dataset import VLMDataset, collate, record_texts
+from .dataset import IGNORE_INDEX, VLMDataset, collate, record_texts
+from .distributed import setup, wrap
 from .interrupt import StopRequest
 from .sampler import EpochBatches
 
@@ -152,9 +154,14 @@ def image_after_text(records) -> bool | None:
     return None if after + before == 0 else after > before
 
 
+class TrainingDiverged(VispromptError):
+    """The loss became NaN or infinite; the weights are left as after the last good step."""
+
+
 class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        self.dist = setup()  # one process, or this one of several under torchrun
         self.tc = recipe.train
         self.out = Path(self.tc.output_dir)
         for name, tc in recipe.stages or [("", recipe.train)]:
@@ -217,7 +224,8 @@ class Trainer:
         train_records = load_llava_records(tc.train_data)
         eval_records = load_llava_records(tc.eval_data)[: tc.eval_max_records] if tc.eval_data else []
 
-        remove_stale_temporaries(self.out)  # what a killed save left behind
+        if self.dist.main:
+            remove_stale_temporaries(self.out)  # what a killed save left behind
         resume_from = newest_checkpoint(self.out) if tc.resume else None
         if resume_from:
             model = VisionLanguageModel.from_pretrained(resume_from)
@@ -235,18 +243,21 @@ class Trainer:
 
             if not has_lora(model.lm):
                 add_lora(model.lm, model.cfg.lm_lora_rank, model.cfg.lm_lora_alpha, model.cfg.lm_lora_targets)
-        cfg = model.cfg
+        cfg, d = model.cfg, self.dist
         preprocess = ImagePreprocessor(cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resize_mode)
-        dataset = VLMDataset(train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed)
+        dataset = VLMDataset(
+            train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed + 1009 * d.rank
+        )
         if not len(dataset):
             raise ConfigError("no training examples left (all longer than max_length?)")
         eval_dataset = VLMDataset(eval_records, model, tc.max_length, preprocess) if eval_records else None
-        batches = EpochBatches(len(dataset), tc.batch_size, tc.seed, len(dataset) > tc.batch_size, tc.grad_accum)
+        drop_last = d.active or len(dataset) > tc.batch_size  # several processes: every slice full
+        batches = EpochBatches(len(dataset), tc.batch_size, tc.seed, drop_last, tc.grad_accum, d.rank, d.world)
         steps_per_epoch = batches.steps_per_epoch()
         if steps_per_epoch == 0:
             raise ConfigError(
-                f"grad_accum={tc.grad_accum} batches of batch_size={tc.batch_size} need more than the "
-                f"{len(dataset)} training examples: lower grad_accum or batch_size"
+                f"a step takes grad_accum={tc.grad_accum} x batch_size={tc.batch_size} x {d.world} process(es) "
+                f"examples, more than the {len(dataset)} training examples: lower grad_accum or batch_size"
             )
         # Own generator: making a loader iterator must not draw from the global RNG (dropout's), or a
         # resumed run, which starts its iterator mid-epoch, would draw different numbers.
@@ -264,68 +275,79 @@ class Trainer:
             self._store_vision_features(dataset, model, tc)
         train_mode(model, lrs)
         optimizer = build_optimizer(model, lrs, tc.weight_decay)
+        module = wrap(model, d)  # what the step calls: the model, or DDP over it
         total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
         warmup = int(tc.warmup_ratio * total)
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         # What a checkpoint carries besides the model, beside the optimizer and the RNGs.
         run = {"step": 0, "window_loss": 0.0, "window_n": 0}
-        self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / METRICS_NAME
         if resume_from:
             state = load_state(resume_from, model)
             optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"], dataset.rng)
+            self._restore_rng(state, dataset, tc)
             run = {k: state[k] for k in run}
-            trim_metrics(metrics, run["step"])
+            if d.main:
+                trim_metrics(metrics, run["step"])
         else:
-            dropped = remove_checkpoints(self.out)
-            if dropped:
-                print(f"removed {dropped} checkpoint(s) of an earlier run in {self.out}", file=sys.stderr)
-            metrics.write_text("")  # a fresh run into the same folder starts a fresh log
-        log = metrics.open("a")
+            if d.active:  # the same initial weights everywhere, then each process its own dropout
+                torch.manual_seed(tc.seed + 1009 * d.rank)
+            if d.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                dropped = remove_checkpoints(self.out)
+                if dropped:
+                    print(f"removed {dropped} checkpoint(s) of an earlier run in {self.out}", file=sys.stderr)
+                metrics.write_text("")  # a fresh run into the same folder starts a fresh log
+        d.barrier()
+        log = metrics.open("a") if d.main else open(os.devnull, "w")
         step = run["step"]
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(counts.values())
-        print(
-            f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
-            f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {cfg.tokens_per_image} tokens per image; "
-            f"{len(dataset)} examples, {total} steps"
-            + (f", resuming at step {step} from {resume_from}" if resume_from else ""),
-            file=sys.stderr,
-        )
+        if d.main:
+            print(
+                f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
+                f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {cfg.tokens_per_image} tokens per image; "
+                f"{len(dataset)} examples, {total} steps"
+                + (f" on {d.world} processes" if d.active else "")
+                + (f", resuming at step {step} from {resume_from}" if resume_from else ""),
+                file=sys.stderr,
+            )
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
 
         def checkpoint() -> Path:
-            state = {"step": step, "window_loss": window_loss, "window_n": window_n}
-            state.update(optimizer=optimizer.state_dict(), rng=rng_state(dataset.rng))
-            return save_checkpoint(self.out, model, state, tc.save_total_limit)
+            rngs = d.gather(rng_state(dataset.rng))  # every process's, in rank order
+            folder = self.out / f"checkpoint-{step}"
+            if d.main:
+                state = {"step": step, "window_loss": window_loss, "window_n": window_n, "world": d.world}
+                state.update(optimizer=optimizer.state_dict(), rng=rngs)
+                folder = save_checkpoint(self.out, model, state, tc.save_total_limit)
+            d.barrier()
+            return folder
 
-        progress = Progress(total, step)
+        progress = Progress(total, step) if d.main else None
         start_step = step
         t_start, samples = time.time(), 0
         window_loss, window_n = run["window_loss"], run["window_n"]
         self.eval_seconds = 0.0  # evaluation time, left out of samples/s and ETA
         final_eval: dict[str, Any] = {}
+        stopping = False
         with StopRequest() as stop:
             try:
-                while step < total:
+                while step < total and not stopping:
                     epoch, done = divmod(step, steps_per_epoch)
                     batches.set_position(epoch, done * tc.grad_accum)
-                    for micro, batch in enumerate(loader):
-                        with autocast:
-                            out = model(
-                                batch["input_ids"],
-                                attention_mask=batch["attention_mask"],
-                                pixel_values=batch["pixel_values"],
-                                vision_features=batch.get("vision_features"),
-                                labels=batch["labels"],
+                    micro = iter(loader)
+                    for _ in range(steps_per_epoch - done):
+                        group = [next(micro) for _ in range(tc.grad_accum)]
+                        loss = self._accumulate(module, group, autocast)
+                        samples += sum(b["input_ids"].shape[0] for b in group) * d.world
+                        if not math.isfinite(loss):
+                            last = complete_checkpoints(self.out)
+                            raise TrainingDiverged(
+                                f"the training loss is {loss} at step {step + 1}: stopped before the update; "
+                                + (f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved")
+                                + " (lower the learning rates, or set grad_clip)"
                             )
-                        (out.loss / tc.grad_accum).backward()
-                        window_loss += out.loss.item()
-                        window_n += 1
-                        samples += batch["input_ids"].shape[0]
-                        if (micro + 1) % tc.grad_accum:
-                            continue
                         scale = warmup_cosine(step, total, warmup, tc.min_lr_ratio)
                         for g, base in zip(optimizer.param_groups, base_lrs):
                             g["lr"] = base * scale
@@ -336,57 +358,111 @@ class Trainer:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
-                        if step % tc.log_every == 0 or step == total:
+                        window_loss += loss
+                        window_n += 1
+                        if d.main and (step % tc.log_every == 0 or step == total):
                             elapsed = time.time() - t_start - self.eval_seconds
                             rate = samples / max(elapsed, 1e-9)
-                            loss = window_loss / max(1, window_n)
+                            mean = window_loss / max(1, window_n)
                             eta = (total - step) * elapsed / max(1, step - start_step)
-                            progress.update(step, f"loss {loss:.4f} | {rate:.1f} samples/s | ETA {_eta(eta)}")
+                            progress.update(step, f"loss {mean:.4f} | {rate:.1f} samples/s | ETA {_eta(eta)}")
                             row = {
                                 "step": step,
                                 "epoch": epoch,
-                                "loss": round(loss, 5),
+                                "loss": round(mean, 5),
                                 "lr": optimizer.param_groups[0]["lr"],
                                 "samples_per_s": round(rate, 2),
                                 "elapsed_s": round(elapsed, 1),
                             }
                             log.write(json.dumps(row) + "\n")
                             log.flush()
+                        if step % tc.log_every == 0 or step == total:
                             window_loss, window_n = 0.0, 0
                         if tc.eval_every and step % tc.eval_every == 0 and step < total and eval_records:
-                            self._log_eval(model, eval_records, eval_dataset, step, log, progress)
+                            if d.main:
+                                self._log_eval(model, eval_records, eval_dataset, step, log, progress)
+                            d.barrier()
                         if tc.save_every and step % tc.save_every == 0 and step < total:
                             checkpoint()
-                        if stop.requested or step >= total:
+                        stopping = d.any(stop.requested)  # every process stops after the same step
+                        if stopping or step >= total:
                             break
-                    if stop.requested:
-                        break
             finally:
-                progress.close()
+                if progress is not None:
+                    progress.close()
             train_time = time.time() - t_start - self.eval_seconds
-            if stop.requested:  # mid-run: a checkpoint after the step that was running
+            if stopping:  # mid-run: a checkpoint after the step that was running
                 log.close()
                 folder = checkpoint()
-                print(f"stopped at step {step}: saved {folder}; continue with --resume", file=sys.stderr, flush=True)
+                if d.main:
+                    print(
+                        f"stopped at step {step}: saved {folder}; continue with --resume", file=sys.stderr, flush=True
+                    )
                 stop.stop()
-            if eval_records:
-                final_eval = self._log_eval(model, eval_records, eval_dataset, step, log, None)
-            log.close()
-            model.eval()
             summary = {
                 "steps": step,
                 "train_time_s": round(train_time, 1),
                 "examples": len(dataset),
                 "parameters": total_params,
                 "trainable_parameters": trainable,
-                **{f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"},
             }
-            # Weights, summary and card in one atomic save: they always describe each other.
-            card = {"train_summary.json": json.dumps(summary, indent=2) + "\n", "README.md": self._model_card(summary)}
-            model.save_pretrained(self.out, extra_files=card)
+            if d.main:
+                if eval_records:
+                    final_eval = self._log_eval(model, eval_records, eval_dataset, step, log, None)
+                summary.update({f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"})
+                model.eval()
+                # Weights, summary and card in one atomic save: they always describe each other.
+                card = {
+                    "train_summary.json": json.dumps(summary, indent=2) + "\n",
+                    "README.md": self._model_card(summary),
+                }
+                model.save_pretrained(self.out, extra_files=card)
+            log.close()
+            d.barrier()
             if stop.requested:  # during the final evaluation or save: the model is saved, stop now
                 stop.stop()
         return summary
+
+    def _accumulate(self, module: torch.nn.Module, group: list[dict], autocast) -> float:
+        """Forward and backward over one optimizer step's micro-batches. The gradient is that of the
+        mean loss over every answer token of the step (all micro-batches on all processes), so that
+        accumulation and several processes give the update of one large batch. Returns that loss."""
+        d = self.dist
+        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]  # loss tokens
+        tokens = max(d.sum([float(sum(counts))])[0], 1.0)
+        loss_sum = 0.0
+        for i, (batch, n) in enumerate(zip(group, counts)):
+            last = i == len(group) - 1
+            sync = contextlib.nullcontext() if last or not d.active else module.no_sync()  # all-reduce once
+            with sync:
+                with autocast:
+                    out = module(
+                        batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"],
+                        vision_features=batch.get("vision_features"),
+                        labels=batch["labels"],
+                    )
+                summed = out.loss * n if n else out.logits.sum() * 0.0  # no answer tokens: adds nothing
+                # DDP averages gradients over processes; the factor world makes that a sum.
+                (summed * (d.world / tokens)).backward()
+            loss_sum += float(summed.detach())
+        return d.sum([loss_sum])[0] / tokens
+
+    def _restore_rng(self, state: dict[str, Any], dataset: VLMDataset, tc) -> None:
+        d, rngs = self.dist, state["rng"]
+        if len(rngs) == d.world:
+            set_rng_state(rngs[d.rank], dataset.rng)
+            return
+        if d.main:
+            print(
+                f"warning: the checkpoint was written by {len(rngs)} process(es), this run has {d.world}: the data "
+                "order continues, but random state (dropout, augmentation) starts afresh, so the result is not "
+                "bit-identical to an uninterrupted run",
+                file=sys.stderr,
+            )
+        torch.manual_seed(tc.seed + 1009 * d.rank + state["step"])
+        dataset.rng.seed(tc.seed + 1009 * d.rank + state["step"])
 
     @staticmethod
     def _store_vision_features(dataset: VLMDataset, model: VisionLanguageModel, tc) -> None:
