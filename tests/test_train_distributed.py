@@ -87,6 +87,7 @@ def ddp_run(tmp_path_factory, shapes_dir):
     return tmp / "ddp"
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(tmp_path, shapes_dir, ddp_run):
     one = write_recipe(tmp_path, shapes_dir, output_dir=str(tmp_path / "one"))
     Trainer(load_recipe(one, BASE + ["batch_size=8"])).train()
@@ -96,6 +97,7 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(tmp
     assert summary["steps"] == 6
 
 
+@pytest.mark.slow
 def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, shapes_dir, ddp_run):
     path = write_recipe(tmp_path, shapes_dir, output_dir=str(tmp_path / "killed"))
     args = sets(*BASE, "batch_size=4", "save_every=2")
@@ -116,3 +118,29 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, shapes_d
         5,
         6,
     ]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_like_ddp_and_its_checkpoints_load_in_one(tmp_path, shapes_dir, ddp_run):
+    from visprompt.models.vision_language_model import VisionLanguageModel
+    from visprompt.train.checkpoint import is_sharded_checkpoint, load_checkpoint_model
+
+    path = write_recipe(tmp_path, shapes_dir, output_dir=str(tmp_path / "fsdp"))
+    args = sets(*BASE, "batch_size=4", "save_every=2", "fsdp=true")
+    torchrun(path, 2, *args)
+    out = tmp_path / "fsdp"
+    assert losses(out) == pytest.approx(losses(ddp_run), abs=1e-5)
+    assert_close_weights(ddp_run, out, atol=1e-5)  # the final save is whole: it loads anywhere
+    VisionLanguageModel.from_pretrained(out)
+    ckpt = out / "checkpoint-4"
+    assert is_sharded_checkpoint(ckpt) and (ckpt / "dcp" / ".metadata").is_file()
+    one = load_checkpoint_model(ckpt)  # resharded into this one process
+    ddp_ckpt = VisionLanguageModel.from_pretrained(ddp_run / "checkpoint-4")
+    a, b = one.state_dict(), ddp_ckpt.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in b) <= 1e-5
+
+    # a run stopped after checkpoint-4 resumes from its shards to the same result
+    for f in ("model.safetensors", "train_summary.json"):
+        (out / f).unlink()
+    torchrun(path, 2, *args, "--set", "max_steps=6", "--resume")
+    assert_close_weights(ddp_run, out, atol=1e-5)

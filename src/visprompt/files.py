@@ -76,6 +76,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def temp_sibling(target: str | os.PathLike) -> Path:
+    """An empty temporary folder beside `target`, under a dot-name that readers skip."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}", dir=target.parent))
+
+
+def commit_folder(tmp: Path, target: str | os.PathLike, commit_file: str | None = None) -> None:
+    """Make the files of `tmp` (a `temp_sibling` of `target`) `target`'s: flushed to disk, then
+    renamed into place (or, for an existing `target`, moved in with `commit_file` last)."""
+    target = Path(target)
+    _public_modes(tmp)
+    _fsync_tree(tmp)
+    if not target.exists():
+        try:
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            return
+        except OSError:
+            if not target.is_dir():  # not a folder that appeared meanwhile: a real failure
+                raise
+    _merge_into(tmp, target, commit_file)
+
+
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike, commit_file: str | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`; when the block ends without an error, its
@@ -85,22 +109,10 @@ def staged_folder(target: str | os.PathLike, commit_file: str | None = None) -> 
     `commit_file`: for an existing `target`, the file removed first and written last, so that a
     reader that requires it never sees old and new files mixed.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}", dir=target.parent))
+    tmp = temp_sibling(target)
     try:
         yield tmp
-        _public_modes(tmp)
-        _fsync_tree(tmp)
-        if not target.exists():
-            try:
-                os.rename(tmp, target)
-                _fsync_dir(target.parent)
-                return
-            except OSError:
-                if not target.is_dir():  # not a folder that appeared meanwhile: a real failure
-                    raise
-        _merge_into(tmp, target, commit_file)
+        commit_folder(tmp, target, commit_file)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -126,16 +126,9 @@ class VisionLanguageModel(nn.Module):
         return cls(filled, vision, connector, lm, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
-        from safetensors.torch import load_model
-
-        folder = Path(folder)
-        if not (folder / WEIGHTS_NAME).is_file():
-            raise ModelNotFoundError(f"{folder} has no {WEIGHTS_NAME}: not a saved visprompt model")
-        if not (folder / CONFIG_NAME).is_file():
-            raise ModelNotFoundError(f"{folder} has no {CONFIG_NAME}: an incomplete save, or not a visprompt model")
-        cfg = VLMConfig.load(folder)
-        tokenizer = _load_tokenizer(folder)
+    def from_config(cls, cfg: VLMConfig, tokenizer) -> VisionLanguageModel:
+        """The model a filled config (one `build` returned, or a saved config.json) describes, with
+        uninitialised weights: for loading weights into it."""
         with _skip_init():
             vision = VisionEncoder.from_config(cfg)
             lm = language_model_from_config(cfg.lm_config)
@@ -149,9 +142,21 @@ class VisionLanguageModel(nn.Module):
                 input_norm=cfg.connector_input_norm,
             )
         model = cls(cfg, vision, connector, lm, tokenizer)
-        # safetensors stores a tied tensor once under one of its names: tie first, so loading that
+        model.lm.tie_weights()  # tied embeddings (the LM config says) share one tensor, as when built
+        return model
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise ModelNotFoundError(f"{folder} has no {WEIGHTS_NAME}: not a saved visprompt model")
+        if not (folder / CONFIG_NAME).is_file():
+            raise ModelNotFoundError(f"{folder} has no {CONFIG_NAME}: an incomplete save, or not a visprompt model")
+        model = cls.from_config(VLMConfig.load(folder), load_tokenizer(folder))
+        # safetensors stores a tied tensor once under one of its names: tied (above), loading that
         # name fills both; any other missing weight is an error.
-        model.lm.tie_weights()
         missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False, device=str(device))
         tied = {n for n in missing if n.startswith("lm.") and _is_tied(model, n)}
         if unexpected or set(missing) - tied:
@@ -400,7 +405,7 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     return target is not None and any(p is target for n, p in params.items() if n != name)
 
 
-def _load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path):
     """AutoTokenizer without its warning about config.json's model_type (ours is 'visprompt')."""
     from transformers import AutoTokenizer
     from transformers.utils import logging

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..models.lora import has_lora
 from ..models.vision_language_model import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 
 STATE_NAME = "trainer_state.pt"
+SHARDS_NAME = "dcp"  # under FSDP: each process's shards of model and optimizer (torch.distributed.checkpoint)
 PREFIX = "checkpoint-"
 
 
@@ -33,7 +35,8 @@ def complete_checkpoints(out: Path) -> list[Path]:
     found = []
     for path in out.glob(f"{PREFIX}*"):
         step = _step_of(path)
-        if step is not None and all((path / n).is_file() for n in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME)):
+        weights = (path / WEIGHTS_NAME).is_file() or (path / SHARDS_NAME / ".metadata").is_file()
+        if step is not None and weights and all((path / n).is_file() for n in (CONFIG_NAME, STATE_NAME)):
             found.append((step, path))
     return [p for _, p in sorted(found)]
 
@@ -123,3 +126,52 @@ def trim_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and row.get("step", 0) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (folder / SHARDS_NAME).is_dir() and not (folder / WEIGHTS_NAME).is_file()
+
+
+def save_sharded_checkpoint(out: Path, model, module, optimizer, state: dict[str, Any], keep: int, d) -> Path:
+    """FSDP: every process writes its shards of model and optimizer into one temporary folder, then
+    the main process adds config, tokenizer and trainer state and renames it into place. Collective."""
+    from ..files import commit_folder, temp_sibling
+    from .distributed import save_sharded
+
+    folder = out / f"{PREFIX}{state['step']}"
+    tmp = Path(d.gather(str(temp_sibling(folder)) if d.main else None)[0])
+    save_sharded(tmp / SHARDS_NAME, module, optimizer)
+    d.barrier()
+    if d.main:
+        model.cfg.save(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_NAME)
+        commit_folder(tmp, folder)
+        for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
+    return folder
+
+
+def load_checkpoint_model(folder: Path) -> VisionLanguageModel:
+    """The model of a checkpoint, in this process: a plain one loads as any saved model; a sharded
+    (FSDP) one is read from its shards, resharded into one process."""
+    if not is_sharded_checkpoint(folder):
+        return VisionLanguageModel.from_pretrained(folder)
+    import torch.distributed.checkpoint as dcp
+
+    from ..models.config import VLMConfig
+    from ..models.lora import add_lora
+    from ..models.vision_language_model import load_tokenizer
+
+    cfg = VLMConfig.load(folder)
+    model = VisionLanguageModel.from_config(cfg, load_tokenizer(folder))
+    names = dcp.FileSystemReader(str(folder / SHARDS_NAME)).read_metadata().state_dict_metadata
+    if any("lora_" in n for n in names):
+        add_lora(model.lm, cfg.lm_lora_rank, cfg.lm_lora_alpha, cfg.lm_lora_targets)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "no process group: loading in one process", which is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder / SHARDS_NAME))
+    model.load_state_dict(state["model"])
+    return model.eval()

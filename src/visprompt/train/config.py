@@ -46,6 +46,7 @@ class TrainConfig:
 
     dtype: str = "float32"  # float32 | bfloat16 (autocast; slow on CPUs without bf16 units)
     num_threads: int = 0  # 0: torch default
+    fsdp: bool = False  # under torchrun: shard the model over the processes (FSDP2) instead of copying it (DDP)
     seed: int = 0
 
     log_every: int = 10

@@ -26,18 +26,22 @@ from ..files import atomic_write_text, remove_stale_temporaries
 from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
 from .checkpoint import (
+    SHARDS_NAME,
     complete_checkpoints,
+    is_sharded_checkpoint,
+    load_checkpoint_model,
     load_state,
     newest_checkpoint,
     remove_checkpoints,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
     trim_metrics,
 )
 from .config import Recipe
 from .dataset import IGNORE_INDEX, VLMDataset, collate, record_texts
-from .distributed import setup, wrap
+from .distributed import accumulation_sync, full_state_dict, is_sharded, load_sharded, setup, wrap
 from .interrupt import StopRequest
 from .sampler import EpochBatches
 
@@ -206,7 +210,8 @@ class Trainer:
             print(f"stage {i + 1}/{len(self.recipe.stages)}: {name} ({tc.train_data})", file=sys.stderr, flush=True)
             summary = self._train_stage(tc, model)
             summaries.append({"stage": name, **summary})
-            model, prev = self.model, out
+            # the next stage continues in memory; a sharded model is read back from disk instead
+            model, prev = (None if is_sharded(self.module) else self.model), out
         final = dict(summaries[-1])
         final.pop("stage")
         final["train_time_s"] = round(sum(s["train_time_s"] for s in summaries), 1)
@@ -228,7 +233,7 @@ class Trainer:
             remove_stale_temporaries(self.out)  # what a killed save left behind
         resume_from = newest_checkpoint(self.out) if tc.resume else None
         if resume_from:
-            model = VisionLanguageModel.from_pretrained(resume_from)
+            model = load_checkpoint_model(resume_from)
         elif model is None:
             model = self._build_model(train_records)
         self.model = model
@@ -274,8 +279,13 @@ class Trainer:
         if tc.cache_vision_features and lrs["vision"] == 0 and not tc.augment:
             self._store_vision_features(dataset, model, tc)
         train_mode(model, lrs)
-        optimizer = build_optimizer(model, lrs, tc.weight_decay)
-        module = wrap(model, d)  # what the step calls: the model, or DDP over it
+        sharded_ckpt = resume_from is not None and is_sharded_checkpoint(resume_from)
+        if resume_from and d.active and tc.fsdp and not sharded_ckpt:
+            raise ConfigError(f"{resume_from} was not written by an FSDP run: resume it without fsdp")
+        self.module = module = wrap(
+            model, d, tc.fsdp
+        )  # what the step calls: the model, DDP over it, or the FSDP-sharded model
+        optimizer = build_optimizer(model, lrs, tc.weight_decay)  # after sharding: over the shards
         total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
         warmup = int(tc.warmup_ratio * total)
         base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -284,7 +294,10 @@ class Trainer:
         metrics = self.out / METRICS_NAME
         if resume_from:
             state = load_state(resume_from, model)
-            optimizer.load_state_dict(state["optimizer"])
+            if sharded_ckpt:
+                load_sharded(resume_from / SHARDS_NAME, module, optimizer)
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             self._restore_rng(state, dataset, tc)
             run = {k: state[k] for k in run}
             if d.main:
@@ -317,9 +330,11 @@ class Trainer:
         def checkpoint() -> Path:
             rngs = d.gather(rng_state(dataset.rng))  # every process's, in rank order
             folder = self.out / f"checkpoint-{step}"
+            state = {"step": step, "window_loss": window_loss, "window_n": window_n, "world": d.world, "rng": rngs}
+            if is_sharded(module):
+                return save_sharded_checkpoint(self.out, model, module, optimizer, state, tc.save_total_limit, d)
             if d.main:
-                state = {"step": step, "window_loss": window_loss, "window_n": window_n, "world": d.world}
-                state.update(optimizer=optimizer.state_dict(), rng=rngs)
+                state["optimizer"] = optimizer.state_dict()
                 folder = save_checkpoint(self.out, model, state, tc.save_total_limit)
             d.barrier()
             return folder
@@ -379,8 +394,9 @@ class Trainer:
                         if step % tc.log_every == 0 or step == total:
                             window_loss, window_n = 0.0, 0
                         if tc.eval_every and step % tc.eval_every == 0 and step < total and eval_records:
+                            whole = self._whole_model(model, module)
                             if d.main:
-                                self._log_eval(model, eval_records, eval_dataset, step, log, progress)
+                                self._log_eval(whole, eval_records, eval_dataset, step, log, progress)
                             d.barrier()
                         if tc.save_every and step % tc.save_every == 0 and step < total:
                             checkpoint()
@@ -406,17 +422,18 @@ class Trainer:
                 "parameters": total_params,
                 "trainable_parameters": trainable,
             }
+            whole = self._whole_model(model, module)
             if d.main:
                 if eval_records:
-                    final_eval = self._log_eval(model, eval_records, eval_dataset, step, log, None)
+                    final_eval = self._log_eval(whole, eval_records, eval_dataset, step, log, None)
                 summary.update({f"eval_{k}": v for k, v in final_eval.items() if k != "mistakes"})
-                model.eval()
+                whole.eval()
                 # Weights, summary and card in one atomic save: they always describe each other.
                 card = {
                     "train_summary.json": json.dumps(summary, indent=2) + "\n",
                     "README.md": self._model_card(summary),
                 }
-                model.save_pretrained(self.out, extra_files=card)
+                whole.save_pretrained(self.out, extra_files=card)
             log.close()
             d.barrier()
             if stop.requested:  # during the final evaluation or save: the model is saved, stop now
@@ -433,8 +450,7 @@ class Trainer:
         loss_sum = 0.0
         for i, (batch, n) in enumerate(zip(group, counts)):
             last = i == len(group) - 1
-            sync = contextlib.nullcontext() if last or not d.active else module.no_sync()  # all-reduce once
-            with sync:
+            with accumulation_sync(module, last):  # gradients are reduced once per step
                 with autocast:
                     out = module(
                         batch["input_ids"],
@@ -448,6 +464,22 @@ class Trainer:
                 (summed * (d.world / tokens)).backward()
             loss_sum += float(summed.detach())
         return d.sum([loss_sum])[0] / tokens
+
+    def _whole_model(self, model: VisionLanguageModel, module: torch.nn.Module) -> VisionLanguageModel | None:
+        """The trained model, whole, on the main process (None elsewhere): `model` itself, or under
+        FSDP a copy gathered from the shards (collective: every process calls it)."""
+        if not is_sharded(module):
+            return model if self.dist.main else None
+        full = full_state_dict(module)
+        if not self.dist.main:
+            return None
+        from ..models.lora import add_lora, has_lora
+
+        whole = VisionLanguageModel.from_config(model.cfg, model.tokenizer)
+        if has_lora(model.lm):
+            add_lora(whole.lm, model.cfg.lm_lora_rank, model.cfg.lm_lora_alpha, model.cfg.lm_lora_targets)
+        whole.load_state_dict(full)
+        return whole
 
     def _restore_rng(self, state: dict[str, Any], dataset: VLMDataset, tc) -> None:
         d, rngs = self.dist, state["rng"]
