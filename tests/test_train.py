@@ -42,6 +42,7 @@ def write_recipe(tmp_path, data_dir, **train):
             "connector_lr": 3e-3,
             "lm_lr": 3e-3,
             "eval_max_records": 4,
+            "dtype": "float32",  # the same arithmetic on every CPU (auto picks bf16 where it has bf16 units)
             **train,
         },
     }
@@ -322,3 +323,35 @@ def test_vqa_report_names_the_question_wherever_the_image_sits():
     report = evaluate(AlwaysNo(), records)
     assert report.total == 3 and report.by_kind == {"color": 0.5, "exist": 0.0}
     assert [m["question"] for m in report.examples] == ["What color is the circle?", "Is there a square?"]
+
+
+def test_a_run_writes_curves_tensorboard_and_a_card_that_names_its_data(tmp_path, shapes_dir):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    path = write_recipe(tmp_path, shapes_dir, eval_every=2, tensorboard=True, max_steps=4)
+    summary = Trainer(load_recipe(path)).train()
+    out = tmp_path / "run"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    import hashlib
+
+    digest = hashlib.sha256((shapes_dir / "train.json").read_bytes()).hexdigest()
+    assert summary["data"]["train"]["sha256"] == digest and summary["data"]["train"]["records"] > 0
+    card = (out / "README.md").read_text()
+    assert digest[:16] in card and "visprompt " in card and "lm_lr: 0.003" in card
+
+
+def test_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
+    from visprompt.runtime.cpu import CpuInfo
+    from visprompt.train import precision
+
+    for flags, want in (
+        (frozenset({"avx2", "fma"}), torch.float32),
+        (frozenset({"avx512f", "amx_tile", "amx_bf16"}), torch.bfloat16),
+    ):
+        monkeypatch.setattr(precision, "cpu_info", lambda flags=flags: CpuInfo("x", "Some CPU", flags))
+        dtype, why = precision.choose("auto")
+        assert dtype == want and "Some CPU" in why
+    assert precision.choose("float32")[0] == torch.float32
+    with pytest.raises(ConfigError):
+        precision.choose("fp8")

@@ -6,7 +6,6 @@ model). Each checkpoint is written atomically: a folder with this name is comple
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import warnings
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..files import atomic_write_text, staged_folder
+from ..files import staged_folder
 from ..models.lora import has_lora
 from ..models.vision_language_model import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 
@@ -110,22 +109,6 @@ def load_state(folder: Path, model: VisionLanguageModel) -> dict[str, Any]:
             raise ConfigError(f"{folder}: its LoRA adapters do not fit the model ({sorted(missing)[:2]})")
         model.load_state_dict(state["lora"], strict=False)
     return state
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the log rows up to `step` (those of the run being resumed); drop later rows and a
-    last row cut short by a kill, so that each step is logged once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def is_sharded_checkpoint(folder: Path) -> bool:

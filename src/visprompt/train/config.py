@@ -44,12 +44,13 @@ class TrainConfig:
     cache_vision_features: bool = True
     cache_vision_features_gb: float = 8.0
 
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; slow on CPUs without bf16 units)
+    dtype: str = "auto"  # auto (bf16 autocast where the CPU has bf16 units, else float32) | float32 | bfloat16
     num_threads: int = 0  # 0: torch default
     fsdp: bool = False  # under torchrun: shard the model over the processes (FSDP2) instead of copying it (DDP)
     seed: int = 0
 
     log_every: int = 10
+    tensorboard: bool = False  # also write the logged scalars as TensorBoard event files (OUTPUT/tensorboard/)
     eval_every: int = 0  # steps; 0: only at the end
     eval_max_records: int = 200
     eval_batch_size: int = 64

@@ -4,11 +4,9 @@ Nothing here knows what the data is about: it reads any LLaVA-format dataset."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -25,6 +23,7 @@ from ..eval import evaluate
 from ..files import atomic_write_text, remove_stale_temporaries
 from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
+from . import precision
 from .checkpoint import (
     SHARDS_NAME,
     complete_checkpoints,
@@ -37,15 +36,13 @@ from .checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
     set_rng_state,
-    trim_metrics,
 )
 from .config import Recipe
 from .dataset import IGNORE_INDEX, VLMDataset, collate, record_texts
 from .distributed import accumulation_sync, full_state_dict, is_sharded, load_sharded, setup, wrap
 from .interrupt import StopRequest
+from .runlog import METRICS_NAME, RunLog, plot_curves, trim
 from .sampler import EpochBatches
-
-METRICS_NAME = "metrics.jsonl"
 
 
 def freeze_parts(model: VisionLanguageModel, lrs: dict[str, float]) -> dict[str, int]:
@@ -156,6 +153,27 @@ def image_after_text(records) -> bool | None:
                 else:
                     before += 1
     return None if after + before == 0 else after > before
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visprompt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def data_fingerprint(path: str, records: int) -> dict[str, Any]:
+    """Which data a model saw: the file, its record count and its SHA-256 (the images it names are
+    not hashed: a dataset is identified by its record file)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path), "records": records, "sha256": digest.hexdigest()}
 
 
 class TrainingDiverged(VispromptError):
@@ -301,7 +319,7 @@ class Trainer:
             self._restore_rng(state, dataset, tc)
             run = {k: state[k] for k in run}
             if d.main:
-                trim_metrics(metrics, run["step"])
+                trim(metrics, run["step"])
         else:
             if d.active:  # the same initial weights everywhere, then each process its own dropout
                 torch.manual_seed(tc.seed + 1009 * d.rank)
@@ -310,10 +328,9 @@ class Trainer:
                 dropped = remove_checkpoints(self.out)
                 if dropped:
                     print(f"removed {dropped} checkpoint(s) of an earlier run in {self.out}", file=sys.stderr)
-                metrics.write_text("")  # a fresh run into the same folder starts a fresh log
         d.barrier()
-        log = metrics.open("a") if d.main else open(os.devnull, "w")
         step = run["step"]
+        log = RunLog(self.out, step if resume_from else None, tc.tensorboard) if d.main else None
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(counts.values())
         if d.main:
@@ -325,7 +342,10 @@ class Trainer:
                 + (f", resuming at step {step} from {resume_from}" if resume_from else ""),
                 file=sys.stderr,
             )
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
+        dtype, why = precision.choose(tc.dtype)
+        if d.main:
+            print(f"precision: {why}", file=sys.stderr)
+        autocast = precision.autocast(dtype)
 
         def checkpoint() -> Path:
             rngs = d.gather(rng_state(dataset.rng))  # every process's, in rank order
@@ -389,8 +409,7 @@ class Trainer:
                                 "samples_per_s": round(rate, 2),
                                 "elapsed_s": round(elapsed, 1),
                             }
-                            log.write(json.dumps(row) + "\n")
-                            log.flush()
+                            log.write(row)
                         if step % tc.log_every == 0 or step == total:
                             window_loss, window_n = 0.0, 0
                         if tc.eval_every and step % tc.eval_every == 0 and step < total and eval_records:
@@ -408,7 +427,8 @@ class Trainer:
                     progress.close()
             train_time = time.time() - t_start - self.eval_seconds
             if stopping:  # mid-run: a checkpoint after the step that was running
-                log.close()
+                if log is not None:
+                    log.close()
                 folder = checkpoint()
                 if d.main:
                     print(
@@ -421,6 +441,14 @@ class Trainer:
                 "examples": len(dataset),
                 "parameters": total_params,
                 "trainable_parameters": trainable,
+                "data": {
+                    split: data_fingerprint(path, n)
+                    for split, path, n in (
+                        ("train", tc.train_data, len(train_records)),
+                        ("eval", tc.eval_data, len(eval_records)),
+                    )
+                    if path
+                },
             }
             whole = self._whole_model(model, module)
             if d.main:
@@ -434,7 +462,9 @@ class Trainer:
                     "README.md": self._model_card(summary),
                 }
                 whole.save_pretrained(self.out, extra_files=card)
-            log.close()
+            if log is not None:
+                log.close()
+                plot_curves(self.out)
             d.barrier()
             if stop.requested:  # during the final evaluation or save: the model is saved, stop now
                 stop.stop()
@@ -542,8 +572,7 @@ class Trainer:
                 n += batch["input_ids"].shape[0]
         report = evaluate(model, eval_records, batch_size=self.tc.eval_batch_size)
         result = {"eval_loss": round(loss_sum / max(1, n), 5), **report.to_dict()}
-        log.write(json.dumps({"step": step, **result, "eval_time_s": round(time.time() - t0, 1)}) + "\n")
-        log.flush()
+        log.write({"step": step, **result, "eval_time_s": round(time.time() - t0, 1)})
         msg = f"eval @ step {step}: loss {result['eval_loss']:.4f}, exact match {report.exact_match:.1%} of {report.total}"
         if report.by_kind:
             msg += " (" + ", ".join(f"{k} {v:.0%}" for k, v in report.by_kind.items()) + ")"
@@ -553,6 +582,23 @@ class Trainer:
         return result
 
     def _model_card(self, summary: dict[str, Any]) -> str:
-        lines = ["# visprompt model", "", f"Trained with `visprompt train` on `{self.tc.train_data}`.", ""]
-        lines += [f"- {k}: {v}" for k, v in summary.items()]
+        """README.md of the saved model: how it was trained (the settings, the package version, the
+        data files' fingerprints) and how it scored."""
+        import yaml
+
+        train = {k: v for k, v in dataclasses.asdict(self.tc).items() if k not in ("resume",)}
+        lines = ["# visprompt model", "", f"Trained with `visprompt train` (visprompt {package_version()}).", ""]
+        lines += ["## Results", "", *[f"- {k}: {v}" for k, v in summary.items() if k != "data"], ""]
+        lines += ["## Data", "", "| split | file | records | sha256 |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| {k} | `{v['path']}` | {v['records']} | `{v['sha256'][:16]}` |" for k, v in summary["data"].items()
+        ]
+        lines += [
+            "",
+            "## Training settings",
+            "",
+            "```yaml",
+            yaml.safe_dump({"train": train}, sort_keys=False).strip(),
+            "```",
+        ]
         return "\n".join(lines) + "\n"
