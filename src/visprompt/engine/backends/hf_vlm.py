@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 
 from ...errors import VispromptError
 from ...images import image_fingerprint
+from ...models.chat import control_token_pattern, control_tokens, escape_control_tokens
 from ...models.hub import resolve_model_path
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt
@@ -213,9 +215,14 @@ def _image_src(part: dict) -> Any:
     return url.get("url") if isinstance(url, dict) else url
 
 
-def to_hf_messages(conversation: Conversation) -> tuple[list[dict], list[Any]]:
+def to_hf_messages(conversation: Conversation, control: re.Pattern | None = None) -> tuple[list[dict], list[Any]]:
     """Our messages -> transformers chat messages with `{"type": "image"}` parts, plus the image sources
-    in order. Content always becomes a list of parts (what VLM chat templates expect)."""
+    in order. Content always becomes a list of parts (what VLM chat templates expect).
+
+    `control` matches the tokenizer's control tokens; in text they are escaped (`escape_control_tokens`),
+    so typed text opens no turn and adds no image slot. (The processor expands image tokens in the
+    prompt string, so the text cannot be tokenized apart from it; transformers' own
+    `sanitize_control_tokens` is not honoured by processors with their own `__call__`, Idefics3's.)"""
     messages, sources = [], []
     for msg in conversation:
         parts = []
@@ -228,7 +235,8 @@ def to_hf_messages(conversation: Conversation) -> tuple[list[dict], list[Any]]:
                 sources.append(src)
                 parts.append({"type": "image"})
             elif kind == "text":
-                parts.append({"type": "text", "text": part.get("text", "")})
+                text = part.get("text", "")
+                parts.append({"type": "text", "text": escape_control_tokens(text, control) if control else text})
             else:
                 raise VispromptError(f"unsupported content part type {kind!r}")
         messages.append({"role": msg.get("role", "user"), "content": parts})
@@ -332,8 +340,9 @@ class HFVLMBackend(ScheduledBackend):
                 "the HF VLM backend needs an instruction-tuned checkpoint with one"
             )
         texts, sources = [], []
+        pattern = control_token_pattern(control_tokens(self.tokenizer))
         for conv in conversations:
-            messages, srcs = to_hf_messages(conv)
+            messages, srcs = to_hf_messages(conv, pattern)
             texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
             sources.append(srcs)
         return texts, sources
