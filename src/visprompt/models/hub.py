@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, one_line
 
 # Files a model folder needs; skips duplicate weight formats (pytorch_model.bin, onnx, gguf, ...).
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "*.md"]
@@ -57,10 +57,15 @@ def resolve_model_path(
     """
     text = os.fspath(ref)
     folder = Path(text).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise ModelNotFoundError(f"model '{text}' is a file, not a model folder")
+    try:
+        if folder.is_dir():
+            return folder
+        if folder.exists():
+            raise ModelNotFoundError(f"model '{text}' is a file, not a model folder")
+    except OSError as e:  # a name too long, a folder not readable
+        raise ModelNotFoundError(
+            f"model path {one_line(text, 200)!r} cannot be read: {e.strerror or one_line(e)}"
+        ) from None
     if _looks_like_path(text):
         raise ModelNotFoundError(f"model folder '{text}' does not exist")
     if not looks_like_hub_id(text):

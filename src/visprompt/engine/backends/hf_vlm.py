@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ...errors import VispromptError
+from ...errors import ModelLoadError, VispromptError, one_line
 from ...images import image_fingerprint
 from ...models.chat import control_token_pattern, control_tokens, escape_control_tokens
 from ...models.hub import resolve_model_path
@@ -183,7 +183,7 @@ def load_processor(folder: str | os.PathLike):
     name = _PROCESSOR_STAND_INS.get(name, name)
     cls = getattr(transformers, name, None) if name else None
     if cls is None or not isinstance(cls, type):
-        raise VispromptError(f"cannot load the processor of '{folder}': {_one_line(first)}") from None
+        raise VispromptError(f"cannot load the processor of '{folder}': {one_line(first)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         image_processor = _pil_image_processor(folder)
@@ -195,14 +195,9 @@ def load_processor(folder: str | os.PathLike):
         return processor_without_video(cls, image_processor, tokenizer, chat_template=chat_template, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise VispromptError(
-            f"cannot load the processor of '{folder}': {_one_line(first)} "
-            f"(building {name} from its parts failed too: {_one_line(exc)})"
+            f"cannot load the processor of '{folder}': {one_line(first)} "
+            f"(building {name} from its parts failed too: {one_line(exc)})"
         ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -311,7 +306,10 @@ class HFVLMBackend(ScheduledBackend):
         folder = resolve_hf_ref(name, cache_dir=cache_dir, revision=revision, allow_download=allow_download)
         _check_vlm_folder(folder, name)
         processor = load_processor(folder)
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - truncated or mismatched weights, a broken config: many kinds
+            raise ModelLoadError(f"cannot load the model in '{folder}': {one_line(exc)}") from None
         model.to(device)
         return cls(model, processor, name=name, **kwargs)
 
