@@ -59,6 +59,55 @@ def test_overrides_parse_types_and_reject_unknown_keys(tmp_path, shapes_dir):
             load_recipe(path, bad)
 
 
+def recipe_file(tmp_path, data) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def config_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_recipe_values_of_the_wrong_type_or_range_name_their_key(tmp_path):
+    cases = [
+        ({"model": {"lm_layers": "abc"}}, "model.lm_layers: expected an int, got 'abc'"),
+        ({"model": {"image_size": [1, 2]}}, "model.image_size: expected an int, got [1, 2]"),
+        ({"model": {"image_mean": "grey"}}, "model.image_mean: expected a list of numbers, got 'grey'"),
+        ({"model": {"lm_tie_embeddings": "maybe"}}, "model.lm_tie_embeddings: expected true or false, got 'maybe'"),
+        ({"train": {"lm_lr": "fast"}}, "train.lm_lr: expected a number, got 'fast'"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be >= 1, got 0"),
+        ({"train": {"grad_accum": 0}}, "train.grad_accum must be >= 1, got 0"),
+        ({"train": {"max_length": 0}}, "train.max_length must be >= 1, got 0"),
+        ({"train": {"max_steps": -5}}, "train.max_steps must be >= 0, got -5"),
+        ({"train": {"lm_lr": -1e-3}}, "train.lm_lr must be >= 0, got -0.001"),
+        ({"train": {"warmup_ratio": 1.5}}, "train.warmup_ratio must be between 0 and 1, got 1.5"),
+        ({"train": {"dtype": "float8"}}, "train.dtype must be one of float32, bfloat16, got 'float8'"),
+        ({"stages": [{"name": "a", "batch_size": 0}]}, "stages.a.batch_size must be >= 1, got 0"),
+        ({"model": [1, 2]}, "recipe section 'model:' must be a mapping of settings, got [1, 2]"),
+        ({"train": "fast"}, "recipe section 'train:' must be a mapping of settings, got 'fast'"),
+    ]
+    for data, expected in cases:
+        assert config_error(recipe_file(tmp_path, data)) == expected, data
+    assert "must be a mapping with model: and train: sections" in config_error(recipe_file(tmp_path, "[1, 2]\n"))
+    plain = recipe_file(tmp_path, {})
+    assert config_error(plain, ["batch_size=abc"]) == "train.batch_size: expected an int, got 'abc'"
+    assert config_error(plain, ["model.lm_layers=1.5"]) == "model.lm_layers: expected an int, got 1.5"
+    assert config_error(plain, ["augment=perhaps"]) == "train.augment: expected true or false, got 'perhaps'"
+    assert load_recipe(plain, ["system_prompt=a: b: c"]).model.system_prompt == "a: b: c"  # not YAML: a string
+
+
+def test_the_trainer_validates_settings_made_in_code():
+    from visprompt.train.config import Recipe, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.batch_size must be >= 1, got 0"):
+        Trainer(Recipe(train=TrainConfig(train_data="x.json", batch_size=0)))
+
+
 def test_warmup_then_cosine_schedule():
     lrs = [warmup_cosine(s, 100, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

@@ -146,6 +146,7 @@ class Trainer:
         self.tc = recipe.train
         self.out = Path(self.tc.output_dir)
         for name, tc in recipe.stages or [("", recipe.train)]:
+            tc.validate(f"stages.{name}" if name else "train")
             if not tc.train_data:
                 raise ConfigError(f"train_data is not set{f' in stage {name!r}' if name else ''} (a LLaVA JSON file)")
 
