@@ -171,6 +171,51 @@ def test_all_parts_frozen_is_a_config_error(tmp_path, shapes_dir):
         Trainer(load_recipe(path)).train()
 
 
+def write_dataset(folder, records) -> str:
+    """Two small images (img/0.png, img/1.png) and `records` as d.json in `folder`."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(["red", "navy"]):
+        Image.new("RGB", (40, 30), colour).save(folder / "img" / f"{i}.png")
+    (folder / "d.json").write_text(json.dumps(records))
+    return str(folder / "d.json")
+
+
+def image_record(rec_id: str, image: str) -> dict:
+    question = {"from": "human", "value": "<image>\nWhat colour is it?"}
+    return {"id": rec_id, "image": image, "conversations": [question, {"from": "gpt", "value": "red"}]}
+
+
+def tiny_recipe(tmp_path, data: str, **train):
+    recipe = {"model": TINY_MODEL, "train": {"train_data": data, "output_dir": str(tmp_path / "run"), **train}}
+    return load_recipe(recipe_file(tmp_path, recipe))
+
+
+def test_an_empty_training_file_says_it_has_no_records(tmp_path):
+    from visprompt.errors import DatasetError
+
+    data = write_dataset(tmp_path, [])
+    with pytest.raises(DatasetError) as info:
+        Trainer(tiny_recipe(tmp_path, data, max_steps=1)).train()
+    assert str(info.value) == f"{data}: the file has no records to train on"
+    # the other way to have nothing to train on still says so
+    long_data = write_dataset(tmp_path, [image_record("a", "img/0.png")])
+    with pytest.raises(ConfigError, match="all 1 records are longer than max_length=4 tokens"):
+        Trainer(tiny_recipe(tmp_path, long_data, max_steps=1, max_length=4)).train()
+
+
+@pytest.mark.parametrize("vision_lr", [0.0, 1e-3])  # features stored once / images loaded per batch
+def test_a_training_image_that_is_not_an_image_names_the_file_and_the_record(tmp_path, vision_lr):
+    from visprompt.errors import ImageError
+
+    data = write_dataset(tmp_path, [image_record("good", "img/0.png"), image_record("rec-7", "img/notes.png")])
+    (tmp_path / "img" / "notes.png").write_text("not a picture")
+    with pytest.raises(ImageError) as info:
+        Trainer(tiny_recipe(tmp_path, data, max_steps=1, batch_size=2, vision_lr=vision_lr)).train()
+    message = str(info.value)
+    assert message.startswith(f"training image {tmp_path / 'img' / 'notes.png'} (record id 'rec-7'): ")
+    assert "not a supported image" in message and "\n" not in message
+
+
 def test_trainer_reads_any_llava_dataset(tmp_path):
     """Not shapes: photos-like images, multi-image records, a system prompt, a text-only record."""
     (tmp_path / "img").mkdir()

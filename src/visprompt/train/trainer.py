@@ -232,8 +232,7 @@ class Trainer:
         cfg = model.cfg
         preprocess = ImagePreprocessor(cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_resize_mode)
         dataset = VLMDataset(train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed)
-        if not len(dataset):
-            raise ConfigError("no training examples left (all longer than max_length?)")
+        dataset.require_examples(tc.train_data)
         eval_dataset = VLMDataset(eval_records, model, tc.max_length, preprocess) if eval_records else None
         pad_id = model.tokenizer.pad_token_id
         loader = DataLoader(
