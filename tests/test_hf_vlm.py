@@ -343,6 +343,20 @@ def test_a_broken_folder_is_one_line_naming_it(folders, tmp_path):
         assert expected in message and str(folder) in message and "\n" not in message, message
 
 
+def test_loading_and_asking_through_the_python_api_print_nothing(folders, capfd):
+    from transformers.utils import logging as hf_logging
+
+    import visprompt
+
+    folder = folders("smolvlm")
+    bars = hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    model = visprompt.load(str(folder), max_new_tokens=3)
+    model.ask(noise_image(40, 30, 1), "What is in this image?")
+    assert capfd.readouterr() == ("", "")  # no "Loading weights" bar, no warning
+    assert hf_logging.is_progress_bar_enabled() == bars  # the caller's setting is left as it was
+
+
 def test_image_processor_falls_back_to_pil_class(folders, monkeypatch):
     """When AutoImageProcessor cannot build the configured (torchvision) class, its Pil twin is used."""
     import transformers

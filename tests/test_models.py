@@ -408,3 +408,16 @@ def test_a_tokenizer_that_does_not_load_names_the_folder(saved_folders, tmp_path
     folder, _ = broken_copy(saved_folders, tmp_path, "tokenizer.json", "{broken")
     message = refused_folder(folder, ModelLoadError)
     assert message.startswith(f"{folder}: its tokenizer does not load: ")
+
+
+def test_loading_and_asking_a_saved_model_through_the_python_api_print_nothing(saved_folders, capfd):
+    from PIL import Image
+
+    import visprompt
+    from visprompt.runtime import cpu_kernels
+
+    cpu_kernels.load()  # the decoder's kernel says once per machine that it compiles: not this test's matter
+    capfd.readouterr()
+    model = visprompt.load(str(saved_folders / "good"), max_new_tokens=3)
+    model.ask(Image.new("RGB", (16, 16), "red"), "What color is the circle?")
+    assert capfd.readouterr() == ("", "")

@@ -9,6 +9,9 @@ one line that says what to do, at once, instead of a network traceback after a w
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ModelNotFoundError, one_line
@@ -89,6 +92,41 @@ def resolve_model_path(
         except Exception:  # noqa: BLE001 - offline, unknown repo, gated: all mean "not available here"
             pass
     raise _not_cached(text) from None
+
+
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_saved_bars: tuple[bool, bool] = (True, True)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers or huggingface_hub ("Loading weights ...") while the block
+    runs, so loading a model through the Python API prints nothing; also a decorator.
+
+    Both libraries keep the switch in a process global: the first block in saves it and the last one
+    out restores it, so concurrent loads neither wait for each other nor restore each other's state.
+    """
+    global _quiet_users, _saved_bars
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _saved_bars = (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled())
+            hf_logging.disable_progress_bar()  # and huggingface_hub's
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                transformers_bars, hub_bars = _saved_bars
+                if transformers_bars:
+                    hf_logging.enable_progress_bar()  # and huggingface_hub's
+                if hub_bars != (not hub_utils.are_progress_bars_disabled()):
+                    hub_utils.enable_progress_bars() if hub_bars else hub_utils.disable_progress_bars()
 
 
 def pull(ref: str) -> Path:

@@ -33,7 +33,7 @@ import torch
 from ...errors import ModelLoadError, VispromptError, one_line
 from ...images import image_fingerprint
 from ...models.chat import control_token_pattern, control_tokens, escape_control_tokens
-from ...models.hub import resolve_model_path
+from ...models.hub import quiet_loading, resolve_model_path
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt
 from ...runtime.scheduler import Scheduler
@@ -287,6 +287,7 @@ class HFVLMBackend(ScheduledBackend):
     # -- loading ---------------------------------------------------------------------------------
 
     @classmethod
+    @quiet_loading()
     def from_pretrained(
         cls,
         ref: str | os.PathLike,
@@ -298,8 +299,9 @@ class HFVLMBackend(ScheduledBackend):
         allow_download: bool = False,
         **kwargs,
     ) -> HFVLMBackend:
-        """Load a local folder or a cached hub id. Never downloads unless `allow_download`. Other
-        keyword arguments go to the constructor (fast, max_batch, cache sizes)."""
+        """Load a local folder or a cached hub id, printing nothing (no progress bars). Never downloads
+        unless `allow_download`. Other keyword arguments go to the constructor (fast, max_batch, cache
+        sizes)."""
         from transformers import AutoModelForImageTextToText
 
         name = os.fspath(ref)
