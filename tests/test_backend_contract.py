@@ -10,7 +10,8 @@ llama.cpp path where llama-cpp-python is installed. Every backend must:
 - stop a cancelled request within one decode step;
 - answer 8 threads submitting at once as it answers them one by one (greedy), with and without its
   background thread;
-- read control tokens typed in any message (a turn marker, an image token) as text.
+- read control tokens typed in any message (a turn marker, an image token) as text;
+- serve its very first requests from several threads at once (lazy imports and loads run once).
 """
 
 from __future__ import annotations
@@ -129,6 +130,32 @@ def stop_string_in(text: str) -> str | None:
         if not any(ch.isspace() for ch in piece):
             return piece
     return None
+
+
+def test_first_use_from_four_threads_at_once(case):
+    """The first test of each backend: 4 threads call `generate` on it fresh (nothing built or loaded
+    yet), at once; each gets the reply it gets alone afterwards."""
+    _, backend, convs = case
+    convs = convs[:4]
+    barrier = threading.Barrier(len(convs))
+    got: list = [None] * len(convs)
+
+    def worker(i):
+        barrier.wait()
+        try:
+            got[i] = backend.generate([convs[i]], greedy())[0]
+        except BaseException as exc:  # noqa: BLE001 - reported below, with the thread it came from
+            got[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(convs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    errors = [g for g in got if not hasattr(g, "token_ids")]
+    assert not errors, errors
+    alone = [backend.generate([c], greedy())[0] for c in convs]
+    assert [(r.text, r.token_ids) for r in got] == [(r.text, r.token_ids) for r in alone]
 
 
 def test_backend_implements_the_protocol(case):

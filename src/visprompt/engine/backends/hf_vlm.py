@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ...errors import ModelLoadError, VispromptError, one_line
-from ...images import image_fingerprint
+from ...images import image_fingerprint, load_image
 from ...models.chat import control_token_pattern, control_tokens, escape_control_tokens
 from ...models.hub import quiet_loading, resolve_model_path
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
@@ -238,12 +238,6 @@ def to_hf_messages(conversation: Conversation, control: re.Pattern | None = None
     return messages, sources
 
 
-def _load_image(src: Any):
-    from ...images import load_image
-
-    return load_image(src)
-
-
 # ------------------------------------------------------------------------------------------ backend
 
 
@@ -351,7 +345,7 @@ class HFVLMBackend(ScheduledBackend):
         """Processor output (input_ids, attention_mask, pixel inputs...) for a left-padded batch; the same
         inputs `model.generate(**inputs)` would take."""
         texts, sources = self.prompt_texts(conversations)
-        images = [_load_image(s) for srcs in sources for s in srcs]
+        images = [load_image(s) for srcs in sources for s in srcs]
         return self._tensors(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
 
     def _tensors(self, inputs) -> dict[str, Any]:
@@ -370,7 +364,7 @@ class HFVLMBackend(ScheduledBackend):
         texts, sources = self.prompt_texts(conversations)
         out = []
         for text, srcs in zip(texts, sources):
-            images = [_load_image(s) for s in srcs]
+            images = [load_image(s) for s in srcs]
             inputs = self._tensors(self.processor(text=[text], images=images or None, return_tensors="pt"))
             keys = [image_fingerprint(im) for im in images]
             # one key for all the prompt's images: their token runs may differ in length

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from ...errors import VispromptError
+from ...images import load_image
 from ...models.chat import encode_chat
+from ...models.efficientnet_lite import imagenet_labels
 from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
 from ...runtime.scheduler import Scheduler
 from ..backend import Conversation, Message, ScheduledBackend, image_sources, message_text
@@ -378,9 +380,6 @@ class StarterBackend(ScheduledBackend):
     @torch.inference_mode()
     def see(self, images: list[Any]) -> list[VisualEvidence]:
         """Evidence for each image source (anything `load_image` takes), in one encoder batch."""
-        from ...images import load_image
-        from ...models.efficientnet_lite import imagenet_labels
-
         if not images:
             return []
         pil = [load_image(src) for src in images]
