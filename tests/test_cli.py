@@ -72,6 +72,31 @@ def test_bad_input_exits_2_with_one_line(trained, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("question", ["", "   \n\t"])
+def test_an_empty_question_is_one_line_before_any_model_loads(question, capsys, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    # the default model is `starter`: refused before it (or the missing folder here) is loaded
+    for model in ("starter", str(tmp_path / "no-model")):
+        assert main(["ask", str(image), question, "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert err == "error: the question is empty: ask something about the image\n"
+
+
+def test_the_python_api_refuses_empty_questions(tiny_model):
+    from visprompt.engine.backends.own import OwnVLMBackend
+    from visprompt.errors import VispromptError
+
+    assistant = Assistant(OwnVLMBackend(tiny_model))
+    image = Image.new("RGB", (8, 8), "red")
+    for question in ("", "  ", ["What?", ""], None):
+        with pytest.raises(VispromptError, match="question"):
+            assistant.ask(image, question)
+    with pytest.raises(VispromptError, match="empty"):
+        assistant.ask([image, image], " ")
+    assert isinstance(assistant.ask(image, "What?", max_new_tokens=2), str)
+
+
 def test_usage_errors_exit_2():
     proc = run_cli("ask")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

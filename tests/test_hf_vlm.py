@@ -322,6 +322,41 @@ def test_folder_without_processor_is_a_clear_error(folders, tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_broken_folder_is_one_line_naming_it(folders, tmp_path):
+    from visprompt.engine.loading import load_backend
+    from visprompt.errors import ConfigError, ModelLoadError
+
+    weights = (folders("llava") / "model.safetensors").read_bytes()
+    cases = [
+        ("model.safetensors", weights[: len(weights) // 2], ModelLoadError, "cannot load the model in"),
+        ("model.safetensors", weights[:-64], ModelLoadError, "cannot load the model in"),
+        ("config.json", b"[1, 2]", ConfigError, "config.json is not a model config: a JSON list"),
+        ("config.json", b"{oops", ConfigError, "config.json is not valid JSON"),
+    ]
+    for i, (name, data, error, expected) in enumerate(cases):
+        folder = tmp_path / str(i)
+        shutil.copytree(folders("llava"), folder)
+        (folder / name).write_bytes(data)
+        with pytest.raises(error) as info:
+            load_backend(str(folder))
+        message = str(info.value)
+        assert expected in message and str(folder) in message and "\n" not in message, message
+
+
+def test_loading_and_asking_through_the_python_api_print_nothing(folders, capfd):
+    from transformers.utils import logging as hf_logging
+
+    import visprompt
+
+    folder = folders("smolvlm")
+    bars = hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    model = visprompt.load(str(folder), max_new_tokens=3)
+    model.ask(noise_image(40, 30, 1), "What is in this image?")
+    assert capfd.readouterr() == ("", "")  # no "Loading weights" bar, no warning
+    assert hf_logging.is_progress_bar_enabled() == bars  # the caller's setting is left as it was
+
+
 def test_image_processor_falls_back_to_pil_class(folders, monkeypatch):
     """When AutoImageProcessor cannot build the configured (torchvision) class, its Pil twin is used."""
     import transformers

@@ -275,6 +275,46 @@ def test_missing_file_and_directory_are_refused(tmp_path):
     assert "directory" in refused(tmp_path)
 
 
+def refused_within(source, seconds: float = 5.0) -> str:
+    """`refused`, in a thread that must finish within `seconds` (a FIFO must not block the loader)."""
+    import threading
+
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(_refusal(source)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"loading {source!r} blocked"
+    message, error = outcome[0]
+    if error is not None:
+        raise error
+    return message
+
+
+def _refusal(source) -> tuple[str | None, BaseException | None]:
+    try:
+        return refused(source), None
+    except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+        return None, exc
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and device files")
+def test_only_regular_files_are_read(tmp_path):
+    import socket
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # nobody writes: opening it for reading without O_NONBLOCK would wait forever
+    assert refused_within(fifo) == f"image path is a named pipe (FIFO), not a file: {str(fifo)!r}"
+    assert "character device" in refused_within("/dev/zero")  # endless
+    assert "character device" in refused_within("/dev/null")
+    sock_path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        assert "a socket, not a file" in refused_within(sock_path)
+    link = tmp_path / "link.png"
+    link.symlink_to(fifo)  # a link is what it points to
+    assert "named pipe" in refused_within(link)
+
+
 @pytest.mark.parametrize("url", ["http://example.com/cat.png", "HTTPS://example.com/cat.png"])
 def test_remote_urls_are_not_fetched(url):
     assert "remote URLs are not fetched" in refused(url)

@@ -3,12 +3,13 @@
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 from conftest import TEXTS, spread_weights, tiny_config
 
-from visprompt.errors import ConfigError, ModelNotFoundError
+from visprompt.errors import ConfigError, ModelLoadError, ModelNotFoundError, VispromptError
 from visprompt.models.chat import encode_chat, encode_training_example
 from visprompt.models.config import BUILT_FIELDS, BuiltConfig, VLMConfig
 from visprompt.models.modality_projector import ModalityProjector, pixel_shuffle
@@ -321,3 +322,102 @@ def test_built_fields_are_not_recipe_settings():
     for key in ("model.built={}", "model.image_token_id=3"):
         with pytest.raises(ConfigError, match="unknown model setting"):
             load_recipe(None, [key])
+
+
+# ------------------------------------------------------------------------------ broken model folders
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory):
+    """A saved tiny model, and the weights of one 64 wide where its config says 48."""
+    root = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    VisionLanguageModel.build(tiny_config(), TEXTS).save_pretrained(root / "good")
+    VisionLanguageModel.build(tiny_config(lm_hidden_size=64), TEXTS).save_pretrained(root / "wide")
+    return root
+
+
+def broken_copy(saved_folders, tmp_path, name: str, contents: bytes | str):
+    """A copy of the good folder with file `name` replaced by `contents`."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(saved_folders / "good", folder)
+    path = folder / name
+    path.write_bytes(contents) if isinstance(contents, bytes) else path.write_text(contents)
+    return folder, path
+
+
+def refused_folder(folder, error=VispromptError) -> str:
+    """Loading `folder` (directly and as a backend) raises `error` on one line; the message."""
+    from visprompt.engine.loading import load_backend
+
+    with pytest.raises(error) as info:
+        VisionLanguageModel.from_pretrained(folder)
+    with pytest.raises(error) as again:
+        load_backend(str(folder))
+    message = str(info.value)
+    assert message == str(again.value) and message.strip() and "\n" not in message, message
+    return message
+
+
+def good_file(saved_folders, name: str) -> bytes:
+    return (saved_folders / "good" / name).read_bytes()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.0001])
+def test_truncated_weights_name_the_file(saved_folders, tmp_path, keep):
+    data = good_file(saved_folders, "model.safetensors")
+    folder, weights = broken_copy(saved_folders, tmp_path, "model.safetensors", data[: max(2, int(len(data) * keep))])
+    message = refused_folder(folder, ModelLoadError)
+    assert message.startswith(f"{weights} is not a readable safetensors file: ")
+
+
+def test_weights_of_another_size_name_the_tensor_and_both_shapes(saved_folders, tmp_path):
+    wide = (saved_folders / "wide" / "model.safetensors").read_bytes()
+    folder, weights = broken_copy(saved_folders, tmp_path, "model.safetensors", wide)
+    message = refused_folder(folder, ModelLoadError)
+    assert re.fullmatch(
+        rf"{re.escape(str(weights))} does not match its config.json: [\w.]+ is \[[\d, ]+\], config expects \[[\d, ]+\]",
+        message,
+    ), message
+    assert "64" in message and "48" in message
+
+
+def test_broken_config_json_names_the_file(saved_folders, tmp_path):
+    cfg = json.loads(good_file(saved_folders, "config.json"))
+    cases = {
+        "[1, 2]": "is not a model config: a JSON list, not an object",
+        '{"model_type": "visprompt",': "is not valid JSON",
+        b"\xff\xfe{}": "is not valid JSON",  # not UTF-8
+        json.dumps({**cfg, "lm_layers": "abc"}): "lm_layers: expected an int, got 'abc'",
+        json.dumps({**cfg, "image_mean": "grey"}): "image_mean: expected a list of numbers, got 'grey'",
+        json.dumps({**cfg, "built": 3}): "built: expected a mapping, got 3",
+        json.dumps({**cfg, "built": {**cfg["built"], "lm_config": [1]}}): "lm_config: expected a mapping, got [1]",
+        json.dumps(
+            {**cfg, "built": {**cfg["built"], "lm_config": {"model_type": "no-such-lm"}}}
+        ): "does not describe a model",
+    }
+    for text, expected in cases.items():
+        folder, path = broken_copy(saved_folders, tmp_path / str(len(list(tmp_path.iterdir()))), "config.json", text)
+        message = refused_folder(folder, ConfigError)
+        assert str(path) in message and expected in message, (text, message)
+
+
+def test_a_tokenizer_that_does_not_load_names_the_folder(saved_folders, tmp_path):
+    folder, _ = broken_copy(saved_folders, tmp_path, "tokenizer.json", "{broken")
+    message = refused_folder(folder, ModelLoadError)
+    assert message.startswith(f"{folder}: its tokenizer does not load: ")
+
+
+def test_loading_and_asking_a_saved_model_through_the_python_api_print_nothing(saved_folders, capfd):
+    from PIL import Image
+
+    import visprompt
+    from visprompt.runtime import cpu_kernels
+
+    cpu_kernels.load()  # the decoder's kernel says once per machine that it compiles: not this test's matter
+    capfd.readouterr()
+    model = visprompt.load(str(saved_folders / "good"), max_new_tokens=3)
+    model.ask(Image.new("RGB", (16, 16), "red"), "What color is the circle?")
+    assert capfd.readouterr() == ("", "")

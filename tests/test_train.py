@@ -60,6 +60,55 @@ def test_overrides_parse_types_and_reject_unknown_keys(tmp_path, shapes_dir):
             load_recipe(path, bad)
 
 
+def recipe_file(tmp_path, data) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def config_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_recipe_values_of_the_wrong_type_or_range_name_their_key(tmp_path):
+    cases = [
+        ({"model": {"lm_layers": "abc"}}, "model.lm_layers: expected an int, got 'abc'"),
+        ({"model": {"image_size": [1, 2]}}, "model.image_size: expected an int, got [1, 2]"),
+        ({"model": {"image_mean": "grey"}}, "model.image_mean: expected a list of numbers, got 'grey'"),
+        ({"model": {"lm_tie_embeddings": "maybe"}}, "model.lm_tie_embeddings: expected true or false, got 'maybe'"),
+        ({"train": {"lm_lr": "fast"}}, "train.lm_lr: expected a number, got 'fast'"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be >= 1, got 0"),
+        ({"train": {"grad_accum": 0}}, "train.grad_accum must be >= 1, got 0"),
+        ({"train": {"max_length": 0}}, "train.max_length must be >= 1, got 0"),
+        ({"train": {"max_steps": -5}}, "train.max_steps must be >= 0, got -5"),
+        ({"train": {"lm_lr": -1e-3}}, "train.lm_lr must be >= 0, got -0.001"),
+        ({"train": {"warmup_ratio": 1.5}}, "train.warmup_ratio must be between 0 and 1, got 1.5"),
+        ({"train": {"dtype": "float8"}}, "train.dtype must be one of auto, float32, bfloat16, got 'float8'"),
+        ({"stages": [{"name": "a", "batch_size": 0}]}, "stages.a.batch_size must be >= 1, got 0"),
+        ({"model": [1, 2]}, "recipe section 'model:' must be a mapping of settings, got [1, 2]"),
+        ({"train": "fast"}, "recipe section 'train:' must be a mapping of settings, got 'fast'"),
+    ]
+    for data, expected in cases:
+        assert config_error(recipe_file(tmp_path, data)) == expected, data
+    assert "must be a mapping with model: and train: sections" in config_error(recipe_file(tmp_path, "[1, 2]\n"))
+    plain = recipe_file(tmp_path, {})
+    assert config_error(plain, ["batch_size=abc"]) == "train.batch_size: expected an int, got 'abc'"
+    assert config_error(plain, ["model.lm_layers=1.5"]) == "model.lm_layers: expected an int, got 1.5"
+    assert config_error(plain, ["augment=perhaps"]) == "train.augment: expected true or false, got 'perhaps'"
+    assert load_recipe(plain, ["system_prompt=a: b: c"]).model.system_prompt == "a: b: c"  # not YAML: a string
+
+
+def test_the_trainer_validates_settings_made_in_code():
+    from visprompt.train.config import Recipe, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.batch_size must be >= 1, got 0"):
+        Trainer(Recipe(train=TrainConfig(train_data="x.json", batch_size=0)))
+
+
 def test_warmup_then_cosine_schedule():
     lrs = [warmup_cosine(s, 100, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -121,6 +170,51 @@ def test_all_parts_frozen_is_a_config_error(tmp_path, shapes_dir):
     path = write_recipe(tmp_path, shapes_dir, vision_lr=0.0, connector_lr=0.0, lm_lr=0.0)
     with pytest.raises(ConfigError):
         Trainer(load_recipe(path)).train()
+
+
+def write_dataset(folder, records) -> str:
+    """Two small images (img/0.png, img/1.png) and `records` as d.json in `folder`."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(["red", "navy"]):
+        Image.new("RGB", (40, 30), colour).save(folder / "img" / f"{i}.png")
+    (folder / "d.json").write_text(json.dumps(records))
+    return str(folder / "d.json")
+
+
+def image_record(rec_id: str, image: str) -> dict:
+    question = {"from": "human", "value": "<image>\nWhat colour is it?"}
+    return {"id": rec_id, "image": image, "conversations": [question, {"from": "gpt", "value": "red"}]}
+
+
+def tiny_recipe(tmp_path, data: str, **train):
+    recipe = {"model": TINY_MODEL, "train": {"train_data": data, "output_dir": str(tmp_path / "run"), **train}}
+    return load_recipe(recipe_file(tmp_path, recipe))
+
+
+def test_an_empty_training_file_says_it_has_no_records(tmp_path):
+    from visprompt.errors import DatasetError
+
+    data = write_dataset(tmp_path, [])
+    with pytest.raises(DatasetError) as info:
+        Trainer(tiny_recipe(tmp_path, data, max_steps=1)).train()
+    assert str(info.value) == f"{data}: the file has no records to train on"
+    # the other way to have nothing to train on still says so
+    long_data = write_dataset(tmp_path, [image_record("a", "img/0.png")])
+    with pytest.raises(ConfigError, match="all 1 records are longer than max_length=4 tokens"):
+        Trainer(tiny_recipe(tmp_path, long_data, max_steps=1, max_length=4)).train()
+
+
+@pytest.mark.parametrize("vision_lr", [0.0, 1e-3])  # features stored once / images loaded per batch
+def test_a_training_image_that_is_not_an_image_names_the_file_and_the_record(tmp_path, vision_lr):
+    from visprompt.errors import ImageError
+
+    data = write_dataset(tmp_path, [image_record("good", "img/0.png"), image_record("rec-7", "img/notes.png")])
+    (tmp_path / "img" / "notes.png").write_text("not a picture")
+    with pytest.raises(ImageError) as info:
+        Trainer(tiny_recipe(tmp_path, data, max_steps=1, batch_size=2, vision_lr=vision_lr)).train()
+    message = str(info.value)
+    assert message.startswith(f"training image {tmp_path / 'img' / 'notes.png'} (record id 'rec-7'): ")
+    assert "not a supported image" in message and "\n" not in message
 
 
 def test_trainer_reads_any_llava_dataset(tmp_path):

@@ -69,6 +69,9 @@ def ask(
     """Answer a question about an image."""
     import visprompt
 
+    from ..tasks.assistant import check_question
+
+    check_question(question)  # before a model is loaded
     assistant = visprompt.load(model)
     text = assistant.ask(image, question, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
     _emit(text, as_json, model=assistant.name, image=image, question=question)

@@ -89,6 +89,9 @@ class ScheduledBackend:
     def __init__(self) -> None:
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.RLock()
+        # One conversation batch becomes prompts at a time: the first call's lazy work (the starter
+        # loading its models, a library importing its parts) runs once, in one thread.
+        self._prompts_lock = threading.Lock()
         self._background = False
 
     # -- what a backend provides ----------------------------------------------------------------
@@ -101,6 +104,10 @@ class ScheduledBackend:
 
     def _scheduler_stale(self) -> bool:
         return False
+
+    def _prompts(self, conversations: list[Conversation]) -> list[Prompt]:
+        with self._prompts_lock:
+            return self.prompts(conversations)
 
     # -- the contract ---------------------------------------------------------------------------
     @property
@@ -123,7 +130,7 @@ class ScheduledBackend:
     ) -> RequestHandle:
         """Queue one conversation; returns a RequestHandle (iterate it for text as it is generated,
         `.cancel()` it, `.result()` for the whole reply)."""
-        (prompt,) = self.prompts([conversation])
+        (prompt,) = self._prompts([conversation])
         return self.scheduler.submit(prompt, params, on_event=on_event)
 
     def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
@@ -134,7 +141,7 @@ class ScheduledBackend:
         """One reply per conversation, decoded together (continuous batching)."""
         if not conversations:
             return []
-        prompts = self.prompts(conversations)
+        prompts = self._prompts(conversations)
         sched = self.scheduler
         handles = [sched.submit(p, params) for p in prompts]
         try:

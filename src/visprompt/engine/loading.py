@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, one_line
 from ..models.hub import resolve_model_path
 from .backend import Backend
 
@@ -19,9 +19,15 @@ def load_backend(ref: str = STARTER, device: str = "cpu") -> Backend:
         return StarterBackend(device=device)
     path = resolve_model_path(ref)
     try:
-        config = json.loads(Path(path, "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
+    except OSError:
         raise ModelNotFoundError(f"{ref} has no readable config.json: not a model folder") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ConfigError(f"{Path(path, 'config.json')} is not valid JSON: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{Path(path, 'config.json')} is not a model config: a JSON {type(config).__name__}, not an object"
+        )
     if config.get("model_type") == "visprompt":
         from .backends.own import OwnVLMBackend
 

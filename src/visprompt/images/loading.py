@@ -12,11 +12,11 @@ import hashlib
 import io
 import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -168,15 +168,33 @@ def _read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
             raise ImageError(f"unsupported URL scheme {match.group(1)!r}: pass a local file path")
     shown = repr(str(path))  # repr keeps odd file names (newlines) on one line
     try:
-        with open(Path(path), "rb") as file:
-            _check_bytes(os.fstat(file.fileno()).st_size, max_bytes, f"image file {shown}")
+        _check_regular(os.stat(path), shown, max_bytes)
+        # O_NONBLOCK: should the path turn into a FIFO after the check, opening it does not wait
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as file:
+            _check_regular(os.fstat(file.fileno()), shown, max_bytes)  # what was opened is what was checked
             return _read_stream(file, max_bytes)
     except FileNotFoundError:
         raise ImageError(f"image file not found: {shown}") from None
-    except IsADirectoryError:
-        raise ImageError(f"image path is a directory, not a file: {shown}") from None
     except OSError as exc:
         raise ImageError(f"cannot read image file {shown}: {exc.strerror or _one_line(exc)}") from None
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _check_regular(info: os.stat_result, shown: str, max_bytes: int) -> None:
+    """Only a regular file is read as an image: a pipe, socket or device could block or never end."""
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(info.st_mode)), "not a regular file")
+        raise ImageError(f"image path is {kind}, not a file: {shown}")
+    _check_bytes(info.st_size, max_bytes, f"image file {shown}")
 
 
 def _read_stream(stream: BinaryIO, max_bytes: int) -> bytes:

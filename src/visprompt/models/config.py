@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from .chat import IMAGE_TOKEN
 
 CONNECTOR_INPUT_NORMS = ("layer", "batch")  # see ModalityProjector
@@ -39,6 +39,9 @@ class BuiltConfig:
     # Placeholder tokens per image in the prompt: the connector's output length for prefix/mixture,
     # 1 for cross_attention.
     tokens_per_image: int = 0
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
 
 BUILT_FIELDS = tuple(f.name for f in dataclasses.fields(BuiltConfig))
@@ -130,6 +133,9 @@ class VLMConfig:
     tokens_per_image = property(lambda self: self.built.tokens_per_image)
 
     def __post_init__(self) -> None:
+        if isinstance(self.built, dict):
+            self.built = BuiltConfig(**self.built)
+        check_field_types(self)
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         for name in ("xattn_every", "mixture_max_images", "xattn_ff_mult", "resampler_depth"):
@@ -144,10 +150,6 @@ class VLMConfig:
             )
         if not self.connector_output_gain > 0:
             raise ConfigError(f"connector_output_gain must be > 0, got {self.connector_output_gain}")
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
-        if isinstance(self.built, dict):
-            self.built = BuiltConfig(**self.built)
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -157,7 +159,10 @@ class VLMConfig:
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
         """From `to_dict`'s layout, or the flat one with the built fields at the top level."""
         data = dict(data)
-        built = dict(data.pop("built", None) or {})
+        built = data.pop("built", None) or {}
+        if not isinstance(built, dict):
+            raise ConfigError(f"built: expected a mapping, got {built!r}")
+        built = dict(built)
         # the older flat layout kept the built fields at the top level
         built.update({k: data.pop(k) for k in BUILT_FIELDS if k in data})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -173,12 +178,55 @@ class VLMConfig:
     def load(cls, folder: str | Path) -> VLMConfig:
         path = Path(folder, "config.json")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ConfigError(f"{path} is not valid JSON: {one_line(e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is not a model config: a JSON {type(data).__name__}, not an object")
         if data.get("model_type") != "visprompt":
             raise ConfigError(f"{path} is not a visprompt model config (model_type={data.get('model_type')!r})")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{path}: {one_line(e)}") from None
+
+
+def checked_value(name: str, value: Any, default: Any) -> Any:
+    """`value` for the setting `name` whose default is `default`, in the default's type (an int where a
+    float is expected becomes a float, a list where a tuple is expected a tuple of floats). A value of
+    another type is a ConfigError naming the setting: "lm_layers: expected an int, got 'abc'"."""
+    number = (int, float)
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an int"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, number) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, number) and not isinstance(v, bool) for v in value)
+        expected = "a list of numbers"
+        value = tuple(float(v) for v in value) if ok else value
+    elif default is None:  # the built transformers configs
+        ok, expected = value is None or isinstance(value, dict), "a mapping"
+    else:
+        ok, expected = True, ""
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def check_field_types(obj: Any, section: str = "") -> None:
+    """Check (and normalise, see `checked_value`) every field of a config dataclass against its default;
+    messages name the field as `section.field`."""
+    for f in dataclasses.fields(obj):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        name = f"{section}.{f.name}" if section else f.name
+        setattr(obj, f.name, checked_value(name, getattr(obj, f.name), default))
 
 
 def field_names() -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from .hub import quiet_loading
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def _save_atomically(cache: Path, model, tokenizer, source: dict[str, Any]) -> N
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@quiet_loading()
 def load_gguf_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None):
     """(model, tokenizer) for `folder/gguf_file`, an fp32 causal LM in eval mode.
 

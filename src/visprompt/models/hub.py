@@ -9,9 +9,12 @@ one line that says what to do, at once, instead of a network traceback after a w
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, one_line
 
 # Files a model folder needs; skips duplicate weight formats (pytorch_model.bin, onnx, gguf, ...).
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "*.md"]
@@ -57,10 +60,15 @@ def resolve_model_path(
     """
     text = os.fspath(ref)
     folder = Path(text).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise ModelNotFoundError(f"model '{text}' is a file, not a model folder")
+    try:
+        if folder.is_dir():
+            return folder
+        if folder.exists():
+            raise ModelNotFoundError(f"model '{text}' is a file, not a model folder")
+    except OSError as e:  # a name too long, a folder not readable
+        raise ModelNotFoundError(
+            f"model path {one_line(text, 200)!r} cannot be read: {e.strerror or one_line(e)}"
+        ) from None
     if _looks_like_path(text):
         raise ModelNotFoundError(f"model folder '{text}' does not exist")
     if not looks_like_hub_id(text):
@@ -84,6 +92,41 @@ def resolve_model_path(
         except Exception:  # noqa: BLE001 - offline, unknown repo, gated: all mean "not available here"
             pass
     raise _not_cached(text) from None
+
+
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_saved_bars: tuple[bool, bool] = (True, True)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers or huggingface_hub ("Loading weights ...") while the block
+    runs, so loading a model through the Python API prints nothing; also a decorator.
+
+    Both libraries keep the switch in a process global: the first block in saves it and the last one
+    out restores it, so concurrent loads neither wait for each other nor restore each other's state.
+    """
+    global _quiet_users, _saved_bars
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _saved_bars = (hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled())
+            hf_logging.disable_progress_bar()  # and huggingface_hub's
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                transformers_bars, hub_bars = _saved_bars
+                if transformers_bars:
+                    hf_logging.enable_progress_bar()  # and huggingface_hub's
+                if hub_bars != (not hub_utils.are_progress_bars_disabled()):
+                    hub_utils.enable_progress_bars() if hub_bars else hub_utils.disable_progress_bars()
 
 
 def pull(ref: str) -> Path:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import VLMConfig
-from .hub import resolve_model_path
+from .hub import quiet_loading, resolve_model_path
 
 PACKAGED_LMS = {"smollm2-135m"}
 
@@ -57,8 +57,9 @@ def build_language_model(cfg: VLMConfig, tokenizer=None) -> tuple[nn.Module, Any
         model, tokenizer = load_gguf_causal_lm(folder, gguf_file)
     else:
         path = resolve_model_path(src)
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
 

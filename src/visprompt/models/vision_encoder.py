@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..images.preprocess import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from .config import VLMConfig
-from .hub import resolve_model_path
+from .hub import quiet_loading, resolve_model_path
 
 # Transformer encoders: how many leading non-patch tokens (CLS) to drop.
 _LEADING_TOKENS = {"vit": 1, "clip_vision_model": 1, "dinov2": 1, "dinov2_with_registers": 1, "siglip_vision_model": 0}
@@ -139,6 +139,7 @@ class VisionEncoder(nn.Module):
         return enc, settings
 
     @classmethod
+    @quiet_loading()
     def _from_pretrained(cls, ref: str, cfg: VLMConfig) -> tuple[VisionEncoder, ImageSettings]:
         from transformers import AutoConfig, AutoModel
 

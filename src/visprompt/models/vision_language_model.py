@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ConfigError, ModelLoadError, ModelNotFoundError, one_line
 from .config import BuiltConfig, VLMConfig
 from .cross_attention import CrossAttentionFusion
 from .language_model import build_language_model, language_model_from_config, lm_config_dict, text_dims
@@ -126,42 +126,53 @@ class VisionLanguageModel(nn.Module):
         return cls(filled, vision, connector, lm, tokenizer)
 
     @classmethod
-    def from_config(cls, cfg: VLMConfig, tokenizer) -> VisionLanguageModel:
+    def from_config(cls, cfg: VLMConfig, tokenizer, folder: Path | None = None) -> VisionLanguageModel:
         """The model a filled config (one `build` returned, or a saved config.json) describes, with
-        uninitialised weights: for loading weights into it."""
-        with _skip_init():
-            vision = VisionEncoder.from_config(cfg)
-            lm = language_model_from_config(cfg.lm_config)
-            connector = ModalityProjector(
-                vision.hidden_size,
-                _image_token_dim(cfg, lm),
-                cfg.connector_hidden_size,
-                cfg.connector_pixel_shuffle,
-                cfg.connector_dropout,
-                num_patches=cfg.vision_num_patches,
-                input_norm=cfg.connector_input_norm,
-            )
-        model = cls(cfg, vision, connector, lm, tokenizer)
+        uninitialised weights: for loading weights into it. `folder`: where the config was read from,
+        named when its values do not describe a model (a one-line ConfigError)."""
+        try:
+            with _skip_init():
+                vision = VisionEncoder.from_config(cfg)
+                lm = language_model_from_config(cfg.lm_config)
+                connector = ModalityProjector(
+                    vision.hidden_size,
+                    _image_token_dim(cfg, lm),
+                    cfg.connector_hidden_size,
+                    cfg.connector_pixel_shuffle,
+                    cfg.connector_dropout,
+                    num_patches=cfg.vision_num_patches,
+                    input_norm=cfg.connector_input_norm,
+                )
+            model = cls(cfg, vision, connector, lm, tokenizer)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # what a config of wrong values raises
+            where = folder / CONFIG_NAME if folder is not None else "the config"
+            raise ConfigError(f"{where} does not describe a model: {one_line(exc)}") from None
         model.lm.tie_weights()  # tied embeddings (the LM config says) share one tensor, as when built
         return model
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
+        """Rebuild a saved model offline. A folder that cannot be loaded (a config.json that is not a
+        model config, truncated weights, weights of other shapes, a broken tokenizer) is a one-line
+        ConfigError or ModelLoadError naming the file; a folder without config.json is an incomplete
+        save."""
         from safetensors.torch import load_model
 
         folder = Path(folder)
-        if not (folder / WEIGHTS_NAME).is_file():
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
             raise ModelNotFoundError(f"{folder} has no {WEIGHTS_NAME}: not a saved visprompt model")
         if not (folder / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{folder} has no {CONFIG_NAME}: an incomplete save, or not a visprompt model")
-        model = cls.from_config(VLMConfig.load(folder), load_tokenizer(folder))
+        model = cls.from_config(VLMConfig.load(folder), load_tokenizer(folder), folder)
         # safetensors stores a tied tensor once under one of its names: tied (above), loading that
         # name fills both; any other missing weight is an error.
-        missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False, device=str(device))
+        _check_weight_shapes(model, weights)
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
         tied = {n for n in missing if n.startswith("lm.") and _is_tied(model, n)}
         if unexpected or set(missing) - tied:
-            raise ModelNotFoundError(
-                f"{folder}/{WEIGHTS_NAME} does not match its config.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            raise ModelLoadError(
+                f"{weights} does not match its config.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
         return model.to(device).eval()
 
@@ -405,8 +416,28 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     return target is not None and any(p is target for n, p in params.items() if n != name)
 
 
+def _check_weight_shapes(model: nn.Module, weights: Path) -> None:
+    """A one-line ModelLoadError for a weights file that is not readable safetensors or holds a tensor
+    of another shape than the model built from config.json has (torch would say so over many lines)."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{weights} is not a readable safetensors file: {one_line(exc)}") from None
+    for name, shape in stored.items():
+        if name in expected and shape != expected[name]:
+            raise ModelLoadError(
+                f"{weights} does not match its config.json: {name} is {list(shape)}, "
+                f"config expects {list(expected[name])}"
+            )
+
+
 def load_tokenizer(folder: Path):
-    """AutoTokenizer without its warning about config.json's model_type (ours is 'visprompt')."""
+    """AutoTokenizer without its warning about config.json's model_type (ours is 'visprompt'); a folder
+    whose tokenizer files do not load is a one-line ModelLoadError."""
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
@@ -414,5 +445,7 @@ def load_tokenizer(folder: Path):
     logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many kinds on bad files
+        raise ModelLoadError(f"{folder}: its tokenizer does not load: {one_line(exc)}") from None
     finally:
         logging.set_verbosity(level)

@@ -33,6 +33,15 @@ def user_turn(images: Sequence[Any], text: str, image_after_text: bool = False) 
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
+def check_question(question: Any) -> str:
+    """A question as given, if it is text with something in it; else a one-line VispromptError."""
+    if not isinstance(question, str):
+        raise VispromptError(f"a question must be text, got {type(question).__name__}")
+    if not question.strip():
+        raise VispromptError("the question is empty: ask something about the image")
+    return question
+
+
 class Assistant:
     def __init__(self, backend: Backend, defaults: SamplingParams | None = None):
         self.backend = backend
@@ -59,16 +68,18 @@ class Assistant:
         return texts[0] if single else texts
 
     def ask(self, image: Any, question: str | Sequence[str], **sampling: Any) -> str | list[str]:
-        """Answer a question about an image. Lists of images (and of questions) run as one batch."""
+        """Answer a question about an image. Lists of images (and of questions) run as one batch. An
+        empty (or blank) question is a VispromptError."""
         after = bool(getattr(self.backend, "image_after_text", False))
+        questions = [check_question(q) for q in question] if _is_batch(question) else check_question(question)
         if _is_batch(image):
-            questions = list(question) if _is_batch(question) else [question] * len(image)
+            questions = questions if _is_batch(questions) else [questions] * len(image)
             if len(questions) != len(image):
                 raise VispromptError(f"{len(image)} images but {len(questions)} questions")
             return self.generate([[user_turn([im], q, after)] for im, q in zip(image, questions)], **sampling)
-        if _is_batch(question):
-            return self.generate([[user_turn([image], q, after)] for q in question], **sampling)
-        return self.generate([user_turn([image], question, after)], **sampling)
+        if _is_batch(questions):
+            return self.generate([[user_turn([image], q, after)] for q in questions], **sampling)
+        return self.generate([user_turn([image], questions, after)], **sampling)
 
     def describe(self, image: Any, style: str = "brief", **sampling: Any) -> str | list[str]:
         if style not in DESCRIBE_PROMPTS:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..models.config import VLMConfig
+from ..models.config import VLMConfig, check_field_types, checked_value
 
 
 @dataclass
@@ -57,6 +57,37 @@ class TrainConfig:
     save_every: int = 0  # steps; 0: only at the end
     save_total_limit: int = 2
 
+    def validate(self, section: str = "train") -> None:
+        """ConfigError naming the first setting out of its range ("train.batch_size must be >= 1, got 0")."""
+        check_field_types(self, section)  # settings assigned after construction are checked too
+        rules = [(name, ">= 1", lambda v: v >= 1) for name in _AT_LEAST_ONE]
+        rules += [(name, ">= 0", lambda v: v >= 0) for name in _NOT_NEGATIVE]
+        rules += [("epochs", "> 0", lambda v: v > 0)]
+        rules += [(name, "between 0 and 1", lambda v: 0 <= v <= 1) for name in ("warmup_ratio", "min_lr_ratio")]
+        for name, wanted, ok in rules:
+            value = getattr(self, name)
+            if not ok(value):  # NaN fails every rule
+                raise ConfigError(f"{section}.{name} must be {wanted}, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{section}.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 where the CPU has bf16 units (precision.py)
+_AT_LEAST_ONE = ("batch_size", "grad_accum", "max_length", "log_every", "eval_batch_size", "save_total_limit")
+_NOT_NEGATIVE = (
+    "max_steps",
+    "vision_lr",
+    "connector_lr",
+    "lm_lr",
+    "weight_decay",
+    "grad_clip",
+    "cache_vision_features_gb",
+    "num_threads",
+    "eval_every",
+    "eval_max_records",
+    "save_every",
+)
+
 
 @dataclass
 class Recipe:
@@ -74,41 +105,43 @@ def _stage(raw: Any, index: int, base: TrainConfig) -> tuple[str, TrainConfig]:
         raise ConfigError(f"stage name must be letters, digits, - or _, got {name!r}")
     tc = dataclasses.replace(base)
     for k, v in raw.items():
-        _apply(tc, k, v, f"stage {name!r}")
+        _apply(tc, k, v, f"stages.{name}")
     return name, tc
 
 
-def _coerce(value: str, target: Any) -> Any:
-    """Parse a --set value with YAML rules, then check it fits the field's current type."""
-    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+def _coerce(value: Any, target: Any, name: str) -> Any:
+    """A value for the setting `name` whose current value is `target`: a --set string is parsed with
+    YAML rules, then the value must have the setting's type (`checked_value`)."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+    if isinstance(target, str):
+        return parsed if isinstance(parsed, str) else str(value)
     if isinstance(target, float) and isinstance(parsed, str):
         try:
             parsed = float(parsed)  # YAML reads "1e-3" (no dot) as a string
         except ValueError:
             pass
-    if isinstance(target, bool) and not isinstance(parsed, bool):
-        raise ConfigError(f"expected true/false, got {value!r}")
-    if isinstance(target, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-        parsed = float(parsed)
-    if isinstance(target, (int, float, str)) and not isinstance(target, bool) and not isinstance(parsed, type(target)):
-        if isinstance(target, str):
-            return str(value)
-        raise ConfigError(f"expected a {type(target).__name__}, got {value!r}")
-    return parsed
+    return checked_value(name, parsed, target)
 
 
 def _apply(obj: Any, key: str, value: Any, section: str) -> None:
     names = {f.name for f in dataclasses.fields(obj)} - {"built"}  # VLMConfig.built is computed, not a setting
     if key not in names:
         raise ConfigError(f"unknown {section} setting {key!r}")
-    current = getattr(obj, key)
-    setattr(
-        obj,
-        key,
-        _coerce(value, current)
-        if current is not None
-        else (yaml.safe_load(value) if isinstance(value, str) else value),
-    )
+    setattr(obj, key, _coerce(value, getattr(obj, key), f"{section}.{key}"))
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    section = data.get(name)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"recipe section '{name}:' must be a mapping of settings, got {section!r}")
+    return section
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -121,12 +154,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping with model: and train: sections")
     unknown = set(data) - {"model", "train", "stages"}
     if unknown:
-        raise ConfigError(f"recipe sections must be 'model', 'train' and 'stages', found {', '.join(sorted(unknown))}")
-    recipe = Recipe(model=VLMConfig.from_dict(data.get("model") or {}), train=TrainConfig())
-    for k, v in (data.get("train") or {}).items():
-        _apply(recipe.train, k, v, "train")
+        raise ConfigError(
+            f"recipe sections must be 'model', 'train' and 'stages', found {', '.join(sorted(map(str, unknown)))}"
+        )
+    recipe = Recipe(model=VLMConfig(), train=TrainConfig())
+    for section in ("model", "train"):
+        for k, v in _section(data, section).items():
+            _apply(getattr(recipe, section), str(k), v, section)
     raw_stages = data.get("stages") or []
     if not isinstance(raw_stages, list):
         raise ConfigError("stages must be a list of mappings")
@@ -161,4 +199,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if len({n for n, _ in recipe.stages}) != len(recipe.stages):
         raise ConfigError("stage names must be unique")
     recipe.model.__post_init__()
+    recipe.train.validate()
+    for name, tc in recipe.stages:
+        tc.validate(f"stages.{name}")
     return recipe

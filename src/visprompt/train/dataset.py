@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.llava import IMAGE_TOKEN, LlavaRecord, record_conversation
+from ..errors import ConfigError, DatasetError, ImageError
 from ..images import ImagePreprocessor, load_image
 from ..models.chat import encode_training_example, to_chat
 
@@ -40,6 +41,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     images: list[str]
+    record_id: str = ""
 
 
 class VLMDataset(Dataset):
@@ -57,6 +59,7 @@ class VLMDataset(Dataset):
         self.rng = random.Random(seed)
         self.vision_features: dict[str, torch.Tensor] | None = None  # see store_vision_features
         self.examples: list[Example] = []
+        self.n_records, self.max_length = len(records), max_length
         tok, cfg = model.tokenizer, model.cfg
         skipped = 0
         for rec in records:
@@ -70,7 +73,7 @@ class VLMDataset(Dataset):
                 skipped += 1  # cutting would drop image tokens or answers: skip, and say so
                 continue
             labels = [t if m else IGNORE_INDEX for t, m in zip(full_ids, full_mask)]
-            self.examples.append(Example(full_ids, labels, list(rec.images)))
+            self.examples.append(Example(full_ids, labels, list(rec.images), rec.id))
         if skipped:
             print(
                 f"warning: skipped {skipped} of {len(records)} records longer than max_length={max_length}",
@@ -80,12 +83,23 @@ class VLMDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def require_examples(self, source: str) -> None:
+        """A one-line error when no example is left: `source` has no records, or all are too long."""
+        if self.examples:
+            return
+        if not self.n_records:
+            raise DatasetError(f"{source}: the file has no records to train on")
+        raise ConfigError(
+            f"{source}: no training examples left: all {self.n_records} records are longer than "
+            f"max_length={self.max_length} tokens"
+        )
+
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
         if self.vision_features is not None:  # a frozen encoder's stored outputs, one per image file
             feats = torch.stack([self.vision_features[p] for p in ex.images]) if ex.images else None
             return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": None, "vision_features": feats}
-        images = [load_image(p) for p in ex.images]
+        images = [self._load_image(p) for p in ex.images]
         if self.augment:
             from ..images.preprocess import augment
 
@@ -95,7 +109,24 @@ class VLMDataset(Dataset):
 
     def image_paths(self) -> list[str]:
         """Every distinct image file of the examples, in first-use order."""
-        return list(dict.fromkeys(p for ex in self.examples for p in ex.images))
+        return list(self._image_records())
+
+    def _image_records(self) -> dict[str, str]:
+        """Every distinct image file -> the id of the first record that uses it."""
+        out: dict[str, str] = {}
+        for ex in self.examples:
+            for p in ex.images:
+                out.setdefault(p, ex.record_id)
+        return out
+
+    def _load_image(self, path: str, record_id: str | None = None):
+        """load_image, with a refusal naming the file and the record that uses it."""
+        try:
+            return load_image(path)
+        except ImageError as exc:
+            if record_id is None:
+                record_id = self._image_records().get(path, "")
+            raise ImageError(f"training image {path} (record id {record_id!r}): {exc}") from None
 
     @torch.no_grad()
     def store_vision_features(self, vision: torch.nn.Module, batch_size: int = 64) -> int:
@@ -105,12 +136,13 @@ class VLMDataset(Dataset):
         if self.augment:
             raise ValueError("stored vision features would freeze the augmentation; turn one of them off")
         store: dict[str, torch.Tensor] = {}
-        paths = self.image_paths()
+        records = self._image_records()
+        paths = list(records)
         was_training = vision.training
         vision.eval()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            feats = vision(self.preprocess([load_image(p) for p in chunk]))  # [n, N, Dv]
+            feats = vision(self.preprocess([self._load_image(p, records[p]) for p in chunk]))  # [n, N, Dv]
             store.update((p, f.clone()) for p, f in zip(chunk, feats))
         vision.train(was_training)
         self.vision_features = store

@@ -10,8 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..runtime.cpu import cpu_info
-
-CHOICES = ("auto", "float32", "bfloat16")
+from .config import DTYPES
 
 
 def has_bf16_units() -> bool:
@@ -21,8 +20,8 @@ def has_bf16_units() -> bool:
 
 def choose(setting: str) -> tuple[torch.dtype, str]:
     """(dtype, why) for the recipe's `dtype` setting."""
-    if setting not in CHOICES:
-        raise ConfigError(f"train.dtype must be one of {', '.join(CHOICES)}, got {setting!r}")
+    if setting not in DTYPES:
+        raise ConfigError(f"train.dtype must be one of {', '.join(DTYPES)}, got {setting!r}")
     cpu = cpu_info().summary()
     if setting == "float32":
         return torch.float32, "float32 (as set)"

@@ -187,6 +187,7 @@ class Trainer:
         self.tc = recipe.train
         self.out = Path(self.tc.output_dir)
         for name, tc in recipe.stages or [("", recipe.train)]:
+            tc.validate(f"stages.{name}" if name else "train")
             if not tc.train_data:
                 raise ConfigError(f"train_data is not set{f' in stage {name!r}' if name else ''} (a LLaVA JSON file)")
 
@@ -271,8 +272,7 @@ class Trainer:
         dataset = VLMDataset(
             train_records, model, tc.max_length, preprocess, augment=tc.augment, seed=tc.seed + 1009 * d.rank
         )
-        if not len(dataset):
-            raise ConfigError("no training examples left (all longer than max_length?)")
+        dataset.require_examples(tc.train_data)
         eval_dataset = VLMDataset(eval_records, model, tc.max_length, preprocess) if eval_records else None
         drop_last = d.active or len(dataset) > tc.batch_size  # several processes: every slice full
         batches = EpochBatches(len(dataset), tc.batch_size, tc.seed, drop_last, tc.grad_accum, d.rank, d.world)

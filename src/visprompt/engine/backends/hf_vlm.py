@@ -24,14 +24,16 @@ import hashlib
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...errors import VispromptError
-from ...images import image_fingerprint
-from ...models.hub import resolve_model_path
+from ...errors import ModelLoadError, VispromptError, one_line
+from ...images import image_fingerprint, load_image
+from ...models.chat import control_token_pattern, control_tokens, escape_control_tokens
+from ...models.hub import quiet_loading, resolve_model_path
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt
 from ...runtime.scheduler import Scheduler
@@ -181,7 +183,7 @@ def load_processor(folder: str | os.PathLike):
     name = _PROCESSOR_STAND_INS.get(name, name)
     cls = getattr(transformers, name, None) if name else None
     if cls is None or not isinstance(cls, type):
-        raise VispromptError(f"cannot load the processor of '{folder}': {_one_line(first)}") from None
+        raise VispromptError(f"cannot load the processor of '{folder}': {one_line(first)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         image_processor = _pil_image_processor(folder)
@@ -193,14 +195,9 @@ def load_processor(folder: str | os.PathLike):
         return processor_without_video(cls, image_processor, tokenizer, chat_template=chat_template, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise VispromptError(
-            f"cannot load the processor of '{folder}': {_one_line(first)} "
-            f"(building {name} from its parts failed too: {_one_line(exc)})"
+            f"cannot load the processor of '{folder}': {one_line(first)} "
+            f"(building {name} from its parts failed too: {one_line(exc)})"
         ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -213,9 +210,14 @@ def _image_src(part: dict) -> Any:
     return url.get("url") if isinstance(url, dict) else url
 
 
-def to_hf_messages(conversation: Conversation) -> tuple[list[dict], list[Any]]:
+def to_hf_messages(conversation: Conversation, control: re.Pattern | None = None) -> tuple[list[dict], list[Any]]:
     """Our messages -> transformers chat messages with `{"type": "image"}` parts, plus the image sources
-    in order. Content always becomes a list of parts (what VLM chat templates expect)."""
+    in order. Content always becomes a list of parts (what VLM chat templates expect).
+
+    `control` matches the tokenizer's control tokens; in text they are escaped (`escape_control_tokens`),
+    so typed text opens no turn and adds no image slot. (The processor expands image tokens in the
+    prompt string, so the text cannot be tokenized apart from it; transformers' own
+    `sanitize_control_tokens` is not honoured by processors with their own `__call__`, Idefics3's.)"""
     messages, sources = [], []
     for msg in conversation:
         parts = []
@@ -228,17 +230,12 @@ def to_hf_messages(conversation: Conversation) -> tuple[list[dict], list[Any]]:
                 sources.append(src)
                 parts.append({"type": "image"})
             elif kind == "text":
-                parts.append({"type": "text", "text": part.get("text", "")})
+                text = part.get("text", "")
+                parts.append({"type": "text", "text": escape_control_tokens(text, control) if control else text})
             else:
                 raise VispromptError(f"unsupported content part type {kind!r}")
         messages.append({"role": msg.get("role", "user"), "content": parts})
     return messages, sources
-
-
-def _load_image(src: Any):
-    from ...images import load_image
-
-    return load_image(src)
 
 
 # ------------------------------------------------------------------------------------------ backend
@@ -284,6 +281,7 @@ class HFVLMBackend(ScheduledBackend):
     # -- loading ---------------------------------------------------------------------------------
 
     @classmethod
+    @quiet_loading()
     def from_pretrained(
         cls,
         ref: str | os.PathLike,
@@ -295,15 +293,19 @@ class HFVLMBackend(ScheduledBackend):
         allow_download: bool = False,
         **kwargs,
     ) -> HFVLMBackend:
-        """Load a local folder or a cached hub id. Never downloads unless `allow_download`. Other
-        keyword arguments go to the constructor (fast, max_batch, cache sizes)."""
+        """Load a local folder or a cached hub id, printing nothing (no progress bars). Never downloads
+        unless `allow_download`. Other keyword arguments go to the constructor (fast, max_batch, cache
+        sizes)."""
         from transformers import AutoModelForImageTextToText
 
         name = os.fspath(ref)
         folder = resolve_hf_ref(name, cache_dir=cache_dir, revision=revision, allow_download=allow_download)
         _check_vlm_folder(folder, name)
         processor = load_processor(folder)
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - truncated or mismatched weights, a broken config: many kinds
+            raise ModelLoadError(f"cannot load the model in '{folder}': {one_line(exc)}") from None
         model.to(device)
         return cls(model, processor, name=name, **kwargs)
 
@@ -332,8 +334,9 @@ class HFVLMBackend(ScheduledBackend):
                 "the HF VLM backend needs an instruction-tuned checkpoint with one"
             )
         texts, sources = [], []
+        pattern = control_token_pattern(control_tokens(self.tokenizer))
         for conv in conversations:
-            messages, srcs = to_hf_messages(conv)
+            messages, srcs = to_hf_messages(conv, pattern)
             texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
             sources.append(srcs)
         return texts, sources
@@ -342,7 +345,7 @@ class HFVLMBackend(ScheduledBackend):
         """Processor output (input_ids, attention_mask, pixel inputs...) for a left-padded batch; the same
         inputs `model.generate(**inputs)` would take."""
         texts, sources = self.prompt_texts(conversations)
-        images = [_load_image(s) for srcs in sources for s in srcs]
+        images = [load_image(s) for srcs in sources for s in srcs]
         return self._tensors(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
 
     def _tensors(self, inputs) -> dict[str, Any]:
@@ -361,7 +364,7 @@ class HFVLMBackend(ScheduledBackend):
         texts, sources = self.prompt_texts(conversations)
         out = []
         for text, srcs in zip(texts, sources):
-            images = [_load_image(s) for s in srcs]
+            images = [load_image(s) for s in srcs]
             inputs = self._tensors(self.processor(text=[text], images=images or None, return_tensors="pt"))
             keys = [image_fingerprint(im) for im in images]
             # one key for all the prompt's images: their token runs may differ in length

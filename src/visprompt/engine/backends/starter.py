@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 from ...errors import VispromptError
+from ...images import load_image
+from ...models.chat import encode_chat
+from ...models.efficientnet_lite import imagenet_labels
 from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
 from ...runtime.scheduler import Scheduler
 from ..backend import Conversation, Message, ScheduledBackend, image_sources, message_text
@@ -377,9 +380,6 @@ class StarterBackend(ScheduledBackend):
     @torch.inference_mode()
     def see(self, images: list[Any]) -> list[VisualEvidence]:
         """Evidence for each image source (anything `load_image` takes), in one encoder batch."""
-        from ...images import load_image
-        from ...models.efficientnet_lite import imagenet_labels
-
         if not images:
             return []
         pil = [load_image(src) for src in images]
@@ -400,8 +400,8 @@ class StarterBackend(ScheduledBackend):
             out.append(VisualEvidence(labels, dominant_colours(img)))
         return out
 
-    def prompt_texts(self, conversations: list[Conversation]) -> list[tuple[str, str]]:
-        """(prompt text including the begun answer, begun answer) per conversation."""
+    def prompt_chats(self, conversations: list[Conversation]) -> list[tuple[list[dict[str, str]], str]]:
+        """(text chat for the LM, begun answer) per conversation."""
         per_message: list[list[Message]] = [list(c) for c in conversations]
         sources = [[image_sources(m) for m in conv] for conv in per_message]
         flat = [s for conv in sources for msg in conv for s in msg]
@@ -409,18 +409,18 @@ class StarterBackend(ScheduledBackend):
         out = []
         for conv, conv_sources in zip(per_message, sources):
             evidence = [[next(seen) for _ in msg] for msg in conv_sources]
-            chat, prefix = build_chat(conv, evidence)
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            out.append((text + prefix, prefix))
+            out.append(build_chat(conv, evidence))
         return out
 
     # ---- generation ----------------------------------------------------------------------------
 
     def prompts(self, conversations: list[Conversation]) -> list[Prompt]:
+        """The chat through the LM's template with the begun answer after it; the messages' text
+        (the user's words, quoted in the evidence messages) encodes as text, never as control tokens."""
         tok = self.tokenizer
         return [
-            Prompt(tok(text, add_special_tokens=False)["input_ids"], answer_prefix=prefix)
-            for text, prefix in self.prompt_texts(conversations)
+            Prompt(encode_chat(tok, chat, add_generation_prompt=True, suffix=prefix), answer_prefix=prefix)
+            for chat, prefix in self.prompt_chats(conversations)
         ]
 
     def _stop_ids(self) -> list[int]:
