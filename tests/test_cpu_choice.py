@@ -1,8 +1,11 @@
 """Kernels chosen per CPU: detection, compile flags, the build key, the calibrated and cached kernel
 plan, its override, and FastLM giving the same output whichever plan runs."""
 
+import os
 import platform
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +203,32 @@ def test_the_avx512_micro_kernel_compiles(tmp_path):
 def test_info_is_a_plain_value():
     info = CpuInfo("GenuineIntel", "X", frozenset({"avx2", "fma"}), "x86_64")
     assert info.has("avx2", "fma") and not info.has("avx512f") and info.isa == "avx2"
+
+
+def test_installations_share_one_build_compiled_from_a_copy_in_the_build_folder(tmp_path, monkeypatch):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils import cpp_extension
+
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(kw) or "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    module, why = cpu_kernels._build()
+    assert module == "module", why
+    (source,) = map(Path, seen["sources"])
+    # the ninja file records this path: the same for every checkout with the same source and flags,
+    # so two installations never rebuild each other's kernel
+    assert source.parent == Path(seen["build_directory"]) and source.parent.parent == tmp_path
+    assert source.name.startswith(cpu_kernels.NAME) and source.read_bytes() == cpu_kernels.SOURCE.read_bytes()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_kernels._remove_stale_lock(tmp_path)
+    assert lock.exists()  # a fresh lock: a build is running
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale kernel build lock"):
+        cpu_kernels._remove_stale_lock(tmp_path)
+    assert not lock.exists()

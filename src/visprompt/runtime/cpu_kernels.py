@@ -16,12 +16,14 @@ few rows: bench/kernel_rows.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -117,6 +119,17 @@ def _build():
         build_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return None, f"cannot create the kernel's build folder {build_dir}: {exc}"
+    # Compile a copy kept in the build folder: its path is the same for every installation with this
+    # key (the ninja file records the source's path; two checkouts would otherwise rebuild each other's).
+    source = build_dir / f"{name}.cpp"
+    try:
+        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+            tmp = build_dir / f".{name}.{os.getpid()}.cpp"
+            shutil.copyfile(SOURCE, tmp)
+            os.replace(tmp, source)
+    except OSError as exc:
+        return None, f"cannot write the kernel's source into {build_dir}: {exc}"
+    _remove_stale_lock(build_dir)
     if not any(build_dir.glob(f"{name}*.so")):
         print(
             f"visprompt: compiling the decoder's C++ kernel for this CPU ({' '.join(flags)}; once, ~30 s)",
@@ -126,7 +139,7 @@ def _build():
     try:
         module = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -136,6 +149,23 @@ def _build():
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, f"could not build {SOURCE.name}: {first}"
     return module, None
+
+
+STALE_LOCK_S = 900  # a build takes under two minutes; a lock this old was left by a killed build
+
+
+def _remove_stale_lock(build_dir: Path) -> None:
+    """torch's build lock (`lock`) outlives a build killed midway, and every later load would wait on
+    it forever: remove one older than any build takes."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"visprompt: removing a stale kernel build lock ({lock}, {age / 60:.0f} min old)", stacklevel=3)
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
 def load():
