@@ -213,7 +213,9 @@ def test_presence_questions_get_a_yes_or_a_no():
 def test_colour_and_position_questions():
     facts = scene([("cat", 0.8, (300, 100, 600, 400), "gray")])
     assert answer_from_facts("What color is the cat?", facts) == "The cat is mostly gray."
-    assert answer_from_facts("What colour is the flower?", facts) == "The flower looks orange."  # the middle's colour
+    flower = scene(labels=[("daisy", 0.36)])  # nothing detected: the flower is the subject, in the middle
+    assert answer_from_facts("What colour is the flower?", flower) == "The flower looks orange."
+    assert answer_from_facts("What colour is the flower?", facts).startswith("I cannot tell which part")
     assert answer_from_facts("What colour is it?", facts) == "It is mostly orange."
     assert answer_from_facts("What are the main colours?", facts) == "The main colours are brown and beige."
     assert answer_from_facts("What color is the dog?", facts).startswith("I see no dog")

@@ -514,8 +514,11 @@ def _colour_answer(noun: str, facts: SceneFacts) -> str | None:
         if colours:
             return f"The {plural(label, len(objs))} {'is' if len(objs) == 1 else 'are'} mostly {and_list(colours)}."
         return f"The {label} has no one clear colour; the image's main colours are {main}."
-    # Not something the detector names: most likely the photo's subject, usually in its middle.
+    # Not something the detector names: most likely the photo's subject, usually in its middle --
+    # unless the detector is sure the subject is something else.
     if facts.centre_colour:
+        if any(o.sure for o in facts.objects):
+            return f"I cannot tell which part is the {noun}; the middle of the image is {facts.centre_colour}."
         return f"The {noun} looks {facts.centre_colour}."
     return f"The main colours are {main}." if main else None
 
