@@ -480,6 +480,37 @@ def test_gguf_cache_round_trip_matches_the_gguf_model(lm_cache):
     assert "Paris" in tok.decode(out_cached[0, ids["input_ids"].shape[1] :])
 
 
+@pytest.mark.slow
+@needs_lm
+def test_light_loader_matches_transformers(lm_cache):
+    """The starter reads the converted SmolLM2 without transformers (models/light_llama.py): the same
+    chat text, token ids, decoded text, special tokens, and logits through the lean decoder."""
+    from visprompt.models.light_llama import can_load_light, load_light_causal_lm
+    from visprompt.runtime.fast_decode import FastLM
+
+    cache, model, tokenizer = lm_cache
+    assert can_load_light(cache)
+    light, light_tok = load_light_causal_lm(cache)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+    for msgs in (chat, chat[1:]):
+        assert light_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+            tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        )
+    text = tokenizer.apply_chat_template(chat[1:], tokenize=False, add_generation_prompt=True) + "The photo shows"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert light_tok(text, add_special_tokens=False)["input_ids"] == ids
+    assert light_tok.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert (light_tok.eos_token_id, light_tok.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert light.generation_config.eos_token_id == model.generation_config.eos_token_id
+    logits = []
+    for lm in (model, light):
+        fast = FastLM(lm)
+        seq = fast.new_sequence()
+        with torch.inference_mode():
+            logits.append(fast.prefill(seq, lm.get_input_embeddings()(torch.tensor(ids))))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def detector():
     from visprompt.models.detector import Detector

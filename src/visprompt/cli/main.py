@@ -174,16 +174,18 @@ def data_mnist(
 
 
 def _quiet_libraries() -> None:
-    """Library progress bars ("Loading weights ...") would bury the answer's one line on stderr."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Library progress bars ("Loading weights ...") would bury the answer's one line on stderr.
+
+    Through the environment, which transformers reads when it is imported: importing it here would
+    cost every command (the starter's answer never imports it) more than the answer takes."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow the hub's
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    if "transformers" in sys.modules:  # already imported (main() called inside another program)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 class Terminated(BaseException):

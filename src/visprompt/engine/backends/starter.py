@@ -426,12 +426,9 @@ class StarterBackend(ScheduledBackend):
         if self._lm is None:
             with self._lock:
                 if self._lm is None:
-                    from ...models.gguf import (
-                        load_gguf_causal_lm,
-                        packaged_smollm2_path,
-                    )
+                    from ...models.gguf import load_fast_causal_lm, packaged_smollm2_path
 
-                    self._set_lm(*load_gguf_causal_lm(*packaged_smollm2_path(), cache_dir=self.cache_dir))
+                    self._set_lm(*load_fast_causal_lm(*packaged_smollm2_path(), cache_dir=self.cache_dir))
 
     def _set_lm(self, lm, tokenizer) -> None:
         tokenizer.padding_side = "left"  # batched prompts end together, where generation starts
