@@ -14,10 +14,16 @@ import typer
 
 from ..errors import VispromptError
 
+# rich_markup_mode=None: click's plain help. typer's rich help prints every flag with a type, as
+# "--json <bool>", which reads as if the flag took a value.
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Give a language model eyes."
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Give a language model eyes.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Make datasets.")
 app.add_typer(data_app, name="data")
 
 ModelOpt = typer.Option("starter", "--model", "-m", help="A model folder, a hub id, or 'starter'.")
@@ -38,7 +44,7 @@ def _emit(text: str, as_json: bool, **fields) -> None:
 def describe(
     image: str = typer.Argument(..., help="Image path (or data: URL)."),
     model: str = ModelOpt,
-    style: str = typer.Option("brief", help="brief | detailed"),
+    style: str = typer.Option("brief", metavar="brief|detailed", help="A sentence, or a short paragraph."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -77,10 +83,12 @@ def ask(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Recipe YAML (model: and train: sections)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a setting: key=value (repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="Override a setting: key=value (repeatable)."
+    ),
     output: str | None = typer.Option(None, "--output", "-o", help="Output folder (train.output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
 ):
     """Train a model on LLaVA-format data."""
     from ..train.config import load_recipe
