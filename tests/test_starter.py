@@ -372,6 +372,7 @@ def test_an_answer_from_the_facts_goes_through_the_decode_core(tiny_backend):
 
     people = [Detection("person", 0.9, (0, 0, 20, 48)), Detection("person", 0.8, (40, 0, 64, 48))]
     tiny_backend._detector, before = StubDetector(people), tiny_backend._detector
+    tiny_backend._facts_cache.clear()
     try:
         conv = user(Image.new("RGB", (64, 48), (90, 90, 90)), "How many people are there?")
         [res] = tiny_backend.generate([conv], SamplingParams(max_new_tokens=5))
@@ -384,8 +385,10 @@ def test_an_answer_from_the_facts_goes_through_the_decode_core(tiny_backend):
         assert cut.text == "There are" and cut.finish_reason == "stop"
         [present] = tiny_backend.generate([user(conv[0]["content"][0]["image"], "Is there a cat?")], SamplingParams())
         assert present.text == "No, I see no cats."
+        assert len(tiny_backend._facts_cache) == 1  # one image: the parts ran once for all of these
     finally:
         tiny_backend._detector = before
+        tiny_backend._facts_cache.clear()
 
 
 def test_backend_sampling_is_seeded(tiny_backend):

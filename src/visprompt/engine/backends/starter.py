@@ -67,6 +67,7 @@ __all__ = [
 DESCRIBE_PREFIX = "The {kind} shows"
 UNSURE_PREFIX = "It is unclear what the {kind} shows; it may be"
 MULTI_PREFIX = "Image 1 most likely shows"
+FACTS_CACHE_SIZE = 64  # images whose facts are kept (a follow-up question reuses them)
 
 SYSTEM_PROMPT = (
     "You answer questions about an image you cannot see. An object detector and an image classifier "
@@ -395,6 +396,7 @@ class StarterBackend(ScheduledBackend):
         self._lock = threading.Lock()
         self._encoder = encoder.to(self.device).eval() if encoder is not None else None
         self._detector = detector
+        self._facts_cache: dict[str, SceneFacts] = {}  # image fingerprint -> facts, oldest first
         self._lm = None
         self._tokenizer = None
         if lm is not None:
@@ -450,15 +452,32 @@ class StarterBackend(ScheduledBackend):
     # ---- seeing --------------------------------------------------------------------------------
 
     def see(self, images: list[Any]) -> list[SceneFacts]:
-        """Facts for each image source (anything `load_image` takes): the detector runs in a second
-        thread while the classifier takes the images in one batch."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from ...images import load_image
+        """Facts for each image source (anything `load_image` takes). Images seen before (the same
+        pixels) come from a small cache: a follow-up question does not run the parts again."""
+        from ...images import image_fingerprint, load_image
 
         if not images:
             return []
         pil = [load_image(src) for src in images]
+        keys = [image_fingerprint(img) for img in pil]
+        with self._lock:
+            known = {k: self._facts_cache[k] for k in keys if k in self._facts_cache}
+        todo = {k: img for k, img in zip(keys, pil) if k not in known}
+        if todo:
+            fresh = dict(zip(todo, self._see(list(todo.values()))))
+            with self._lock:
+                for k, facts in fresh.items():
+                    self._facts_cache[k] = facts
+                while len(self._facts_cache) > FACTS_CACHE_SIZE:
+                    self._facts_cache.pop(next(iter(self._facts_cache)))
+            known.update(fresh)
+        return [known[k] for k in keys]
+
+    def _see(self, pil: list) -> list[SceneFacts]:
+        """Facts for RGB images: the detector runs in a second thread while the classifier takes the
+        images in one batch."""
+        from concurrent.futures import ThreadPoolExecutor
+
         detector = self.detector
         encoder = self.encoder
         with ThreadPoolExecutor(1, thread_name_prefix="visprompt-detect") as pool:
