@@ -55,7 +55,7 @@ def describe(
     """Describe an image."""
     import visprompt
 
-    assistant = visprompt.load(model)
+    assistant = visprompt.load(model, one_shot=True)
     text = assistant.describe(image, style=style, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
     _emit(text, as_json, model=assistant.name, image=image)
 
@@ -75,7 +75,7 @@ def ask(
     """Answer a question about an image."""
     import visprompt
 
-    assistant = visprompt.load(model)
+    assistant = visprompt.load(model, one_shot=True)
     text = assistant.ask(image, question, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
     _emit(text, as_json, model=assistant.name, image=image, question=question)
 

@@ -112,10 +112,12 @@ class _Rotary(nn.Module):
 class _Model(nn.Module):
     def __init__(self, cfg: LightConfig, head_dim: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight: no random init (normal_ on a meta tensor imports torch's compiler stack, ~2 s)
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(_Layer(cfg, head_dim) for _ in range(cfg.num_hidden_layers))
         self.norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = _Rotary(head_dim, _rope_theta(cfg))
+        self.rotary_emb: _Rotary | None = None  # set by the loader, off the meta device (as above, for pow)
 
 
 class LightLlama(nn.Module):
@@ -176,7 +178,7 @@ def load_light_causal_lm(folder: str | os.PathLike) -> tuple[LightLlama, LightTo
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    model.model.rotary_emb = _Rotary(head_dim, _rope_theta(cfg))  # a buffer computed, not stored
+    model.model.rotary_emb = _Rotary(head_dim, _rope_theta(cfg))  # computed on the CPU, not stored
     return model.eval(), LightTokenizer.from_folder(folder)
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ...errors import VispromptError
+from ...runtime.caches import PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
 from ...runtime.scheduler import Scheduler
 from ..backend import Conversation, Message, ScheduledBackend, image_sources, message_text
@@ -253,20 +254,6 @@ _EXAMPLES: list[tuple[SceneFacts, str, str]] = [
     ),
     (
         _example_facts(
-            [
-                ("person", 0.83, (40, 60, 250, 470), "blue"),
-                ("person", 0.64, (390, 80, 600, 470), "red"),
-                ("bicycle", 0.41, (260, 250, 420, 470), "black"),
-            ],
-            [("mountain bike", 0.33), ("unicycle", 0.12)],
-            ["gray", "blue", "red"],
-            matches="bicycle",
-        ),
-        "Describe the image.",
-        "on both sides of a bicycle.",
-    ),
-    (
-        _example_facts(
             [("car", 0.88, (90, 150, 560, 400), "red")],
             [("sports car", 0.48), ("convertible", 0.30), ("racer", 0.08)],
             ["red", "gray", "black"],
@@ -382,8 +369,11 @@ class StarterBackend(ScheduledBackend):
         detector=None,
         lm=None,
         tokenizer=None,
+        pack_weights: bool | None = None,
     ):
-        """cache_dir: where the converted SmolLM2 lives (see `visprompt.models.gguf`). encoder,
+        """cache_dir: where the converted SmolLM2 lives (see `visprompt.models.gguf`). pack_weights:
+        the lean decoder's decode-friendly weight copies (`FastLM(packed=...)`; None: its default;
+        False for a process that answers once). encoder,
         detector, lm and tokenizer replace the packaged models (an `EfficientNetLiteEncoder`, an
         object with `detect(image) -> list[Detection]` and `names` like `models.detector.Detector`,
         a causal LM and its tokenizer with a chat template); by default they load on first use."""
@@ -396,6 +386,7 @@ class StarterBackend(ScheduledBackend):
         self._lock = threading.Lock()
         self._encoder = encoder.to(self.device).eval() if encoder is not None else None
         self._detector = detector
+        self.pack_weights = pack_weights
         self._facts_cache: dict[str, SceneFacts] = {}  # image fingerprint -> facts, oldest first
         self._lm = None
         self._tokenizer = None
@@ -578,7 +569,9 @@ class StarterBackend(ScheduledBackend):
                 with torch.inference_mode():
                     return embed(torch.tensor(prompt.ids, device=self.device))  # [T, D]
 
-            decoder = EmbeddingDecoder(FastLM(lm), embed_prompt)
+            decoder = EmbeddingDecoder(FastLM(lm, packed=self.pack_weights), embed_prompt)
         else:
             decoder = ReferenceDecoder(lm)
-        return Scheduler(decoder, self.tokenizer, self._stop_ids())
+        # Every prompt begins with the same instructions and worked examples: their KV is computed
+        # once and reused (a follow-up question prefills only its own facts and question).
+        return Scheduler(decoder, self.tokenizer, self._stop_ids(), prefix_cache=PrefixKVCache(64 * 2**20))

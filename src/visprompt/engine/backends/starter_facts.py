@@ -386,7 +386,7 @@ class SceneFacts:
             if rel:
                 lines.append("Positions: " + "; ".join(rel) + ".")
         else:
-            lines.append("Objects: none of the 80 common kinds the detector knows.")
+            lines.append("Objects: none found.")
         shown = self.shown_labels()[:3]
         if shown:
             guesses = ", ".join(f"{n} ({p:.0%})" for n, p in shown)
