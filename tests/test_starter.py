@@ -18,7 +18,6 @@ from PIL import Image
 
 from visprompt.engine.backend import SamplingParams
 from visprompt.engine.backends.starter import (
-    MULTI_PREFIX,
     StarterBackend,
     build_chat,
     colour_name,
@@ -267,7 +266,8 @@ def test_detailed_description_is_a_longer_paragraph_from_the_facts():
     facts = scene([*THREE_PEOPLE, ("cat", 0.4, (250, 250, 350, 390), "gray")], labels=[("bobsled", 0.11)])
     text = facts.paragraph()
     assert text.startswith("The photo shows 3 people.")
-    assert "There is probably a cat at the bottom." in text
+    assert "The people are on the left, in the centre and on the right." in text
+    assert "There is probably also a cat at the bottom." in text
     assert "The classifier is unsure: perhaps a bobsled (11%)." in text
     assert len(text) > 2 * len(describe_prefix([facts]))
     assert is_detailed_request("Describe the image in detail.") and not is_detailed_request("Describe the image.")
@@ -277,12 +277,12 @@ def test_build_chat_states_facts_and_begins_a_description():
     sure = scene([("cup", 0.75, (200, 50, 400, 250))], labels=[("cup of espresso", 0.95)], label_matches="cup")
     unsure = scene(labels=[("bubble", 0.13), ("golf ball", 0.04)])
     chat, prefix, complete = build_chat(user("x.png", "Describe the image."), [[sure]])
-    assert (prefix, complete) == ("The photo shows a cup of espresso", False)
+    assert (prefix, complete) == ("The photo shows a cup of espresso in the centre.", True)
     assert chat[0]["role"] == "system"
     assert chat[-1] == {"role": "user", "content": sure.to_text() + "\nRequest: Describe the image."}
     assert [m["role"] for m in chat[1:-1]] == ["user", "assistant"] * 3  # the worked examples
     _, prefix, complete = build_chat(user("x.png", "Describe the image."), [[unsure]])
-    assert prefix.startswith("It is unclear what the photo shows") and not complete
+    assert prefix == "It is unclear what the photo shows; it may be a bubble or a golf ball." and complete
     _, prefix, complete = build_chat(user("x.png", "Describe the image in detail."), [[sure]])
     assert prefix == sure.paragraph() and complete
     _, prefix, complete = build_chat(user("x.png", "What is in the cup?"), [[sure]])
@@ -302,7 +302,7 @@ def test_build_chat_states_facts_and_begins_a_description():
         }
     ]
     chat, prefix, _ = build_chat(two, [[sure, unsure]])
-    assert prefix == MULTI_PREFIX
+    assert prefix == f"Image 1: {sure.sentence()} Image 2: {unsure.sentence()}"
     assert [m["role"] for m in chat[1:-1]] == ["user", "assistant"] * 4
     assert chat[-1]["content"].startswith("Image 1. " + sure.to_text() + "\nImage 2. " + unsure.to_text())
 
@@ -350,7 +350,8 @@ def test_backend_bookkeeping_with_tiny_models(tiny_backend):
     results = tiny_backend.generate(convs, SamplingParams(max_new_tokens=5))
     assert len(results) == 3
     assert results[0].text.startswith(("The drawing shows", "It is unclear what the drawing shows"))
-    assert results[1].text == "It is mostly red." and results[1].token_ids == []  # from the facts
+    assert results[1].text == "It is mostly red."
+    assert results[0].token_ids == results[1].token_ids == []  # both from the facts, no LM token
     for r in results:
         assert r.finish_reason in ("stop", "length")
         assert 1 <= r.completion_tokens <= 5

