@@ -3,6 +3,7 @@ YOLOv4-tiny at several score thresholds. Accuracy only, no timings.
 
     python bench/starter_parts.py                      # markdown tables on stdout
     python bench/starter_parts.py --docs docs/starter.md   # also between the bench:starter_parts markers
+    python bench/starter_parts.py --answers            # and the starter's answers on the photos
 
 Photos: the scikit-image and scikit-learn samples (`visprompt.data.photos`), and scenes made by
 pasting them side by side (3 astronauts, 2 cats, ...) for counting. A classifier is right on a photo
@@ -98,9 +99,55 @@ def detector_rows(det: Detector) -> tuple[list[str], list[str]]:
     return photo_rows, summary
 
 
+QUESTIONS = [
+    ("3 astronauts", "How many people are there?"),
+    ("2 cats", "How many cats are there?"),
+    ("chelsea", "Is there a cat?"),
+    ("astronaut", "Is there a cat?"),
+    ("flower", "What color is the flower?"),
+    ("flower", "Is there an insect?"),
+    ("astronaut + cat", "Where is the cat?"),
+    ("coffee", "What color is the cup?"),
+    ("horse", "Is this a photo?"),
+    ("chelsea", "What animal is this?"),
+    ("rocket", "What is this?"),
+]
+
+
+def answer_rows() -> list[str]:
+    """The starter's real answers (describe brief and detailed, and questions), greedy."""
+    from visprompt.engine.backends.starter import StarterBackend
+    from visprompt.tasks.assistant import Assistant
+
+    assistant = Assistant(StarterBackend())
+    images = {name: sample_photo(name) for name in PHOTOS}
+    images.update({name: side_by_side([sample_photo(p) for p in parts]) for name, (parts, _) in SCENES.items()})
+    rows = ["| image | `describe` | `describe --style detailed` |", "|---|---|---|"]
+    for name in [*PHOTOS, "3 astronauts", "2 cats", "astronaut + cat"]:
+        rows.append(
+            f"| {name} | {assistant.describe(images[name])} | {assistant.describe(images[name], style='detailed')} |"
+        )
+    rows += ["", "| image | question | answer | written by |", "|---|---|---|---|"]
+    for name, question in QUESTIONS:
+        (result,) = assistant.generate_full(
+            [
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": images[name]}, {"type": "text", "text": question}],
+                    }
+                ]
+            ]
+        )
+        by = "the facts" if not result.token_ids else "SmolLM2"
+        rows.append(f"| {name} | {question} | {result.text} | {by} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=Path, help="write the tables between the bench:starter_parts markers of this file")
+    ap.add_argument("--answers", action="store_true", help="also the starter's answers (loads SmolLM2)")
     args = ap.parse_args()
     variants = ["efficientnet-lite0", "efficientnet-lite2"]
     cls_rows, right = classifier_rows(variants)
@@ -127,6 +174,13 @@ def main() -> None:
         "|---|---|---|---|---|",
         *summary,
     ]
+    if args.answers:
+        lines += [
+            "",
+            "The starter's answers (greedy; `written by`: from the facts, or by SmolLM2):",
+            "",
+            *answer_rows(),
+        ]
     text = "\n".join(lines)
     print(text)
     if args.docs:

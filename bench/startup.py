@@ -74,7 +74,9 @@ def run(cmd: list[str]) -> tuple[float, str, str]:
 
 
 def import_times(top: int) -> list[tuple[str, float]]:
-    _, _, err = run([sys.executable, "-X", "importtime", "-c", "import visprompt.cli.main, visprompt.engine.backends.starter"])
+    _, _, err = run(
+        [sys.executable, "-X", "importtime", "-c", "import visprompt.cli.main, visprompt.engine.backends.starter"]
+    )
     rows = []
     for line in err.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line)
@@ -102,7 +104,7 @@ def main() -> None:
 
     lines = [
         f"`visprompt describe {args.image}` in a fresh process: **{statistics.median(walls):.2f} s** "
-        f"(median of {args.runs}; runs {', '.join(f'{w:.2f}' for w in walls)}), answer: \"{phases['text']}\".",
+        f'(median of {args.runs}; runs {", ".join(f"{w:.2f}" for w in walls)}), answer: "{phases["text"]}".',
         "",
         "Where one fresh process spends it (seconds since start, each phase's own time):",
         "",

@@ -172,6 +172,9 @@ def test_subject_prefers_the_detector_and_the_classifiers_specific_name():
     assert cat.subject() == "a tabby cat"
     tripod = scene([("person", 0.72, (12, 49, 274, 472))], labels=[("tripod", 0.94)])
     assert tripod.subject() == "a person and a tripod"
+    assert tripod.sentence() == "The photo shows a person and a tripod."  # a place only for one subject
+    bench = scene([("bench", 0.44, (199, 355, 325, 413))], labels=[("palace", 0.31)])
+    assert bench.subject() == "a palace"  # an unsure detection does not outrank a sure classifier
     palace = scene(labels=[("palace", 0.31), ("bell cote", 0.14)])
     assert palace.subject() == "a palace"
     assert scene(labels=[("bubble", 0.13), ("flatworm", 0.1)]).subject() is None

@@ -318,9 +318,13 @@ class SceneFacts:
 
     def _subject_parts(self) -> tuple[list[str], set[str], bool]:
         """(the subject's parts, the detected labels they name, whether they name the classifier's top label)."""
-        groups = [(label, objs) for label, objs in self.groups() if any(o.sure for o in objs)] or [
-            (label, objs) for label, objs in self.groups()[:1]
+        # what the detector is sure of, and what the classifier's top label confirms; a detection that
+        # is neither names the subject only when the classifier is unsure too
+        groups = [
+            (label, objs) for label, objs in self.groups() if any(o.sure for o in objs) or label == self.label_matches
         ]
+        if not groups and not self.confident:
+            groups = self.groups()[:1]
         top = self.labels[0] if self.labels else None
         parts, used, names_top = [], set(), False
         for label, objs in groups[:2]:
@@ -353,8 +357,9 @@ class SceneFacts:
         parts, named, names_top = self._subject_parts()
         if parts:
             first = f"The {kind} shows {and_list(parts)}"
-            if groups and groups[0][0] in named and len(groups[0][1]) == 1:
-                first += f" {self.place(groups[0][1][0])}"
+            main = [objs for label, objs in groups if label in named]
+            if len(parts) == 1 and main and len(main[0]) == 1:
+                first += f" {self.place(main[0][0])}"
             sentences = [first + "."]
         else:
             guesses = [article(n) for n, _ in self.shown_labels()[:2]]
@@ -512,8 +517,8 @@ def _presence_answer(noun: str, facts: SceneFacts) -> str | None:
         if n == 0:
             return f"No, I see no {plural(label)}."
         first = next(o for o in facts.objects if o.label == label)
-        hedge = "" if sure else ", probably"
-        return f"Yes, there {'is' if n == 1 else 'are'} {counted(label, n)}{hedge} ({facts.place(first)})."
+        hedge = "" if sure else "probably "
+        return f"Yes, there {'is' if n == 1 else 'are'} {hedge}{counted(label, n)} ({facts.place(first)})."
     named = [n for n, _ in facts.shown_labels() if words[-1] in n.lower().split() or noun in n.lower()]
     if named:
         return f"Yes, probably: it looks like {article(named[0])}."
