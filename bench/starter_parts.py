@@ -185,10 +185,10 @@ def main() -> None:
     print(text)
     if args.docs:
         doc = args.docs.read_text()
-        pattern = re.compile(r"(<!-- bench:starter_parts -->\n).*?(\n<!-- /bench:starter_parts -->)", re.S)
+        pattern = re.compile(r"(<!-- bench:starter_parts -->).*?(<!-- /bench:starter_parts -->)", re.S)
         if not pattern.search(doc):
             raise SystemExit(f"{args.docs} has no bench:starter_parts markers")
-        args.docs.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), doc))
+        args.docs.write_text(pattern.sub(lambda m: m.group(1) + "\n" + text + "\n" + m.group(2), doc))
 
 
 if __name__ == "__main__":
