@@ -32,6 +32,7 @@ from visprompt.engine.backends.starter_facts import (
     answer_from_facts,
     image_kind,
     plural,
+    reconcile,
 )
 from visprompt.errors import ModelNotFoundError, VispromptError
 from visprompt.models.efficientnet_lite import EfficientNetLiteEncoder, imagenet_labels
@@ -181,6 +182,17 @@ def test_subject_prefers_the_detector_and_the_classifiers_specific_name():
     assert describe_prefix([palace]) == "The photo shows a palace"
     unsure = scene(labels=[("bubble", 0.13), ("flatworm", 0.1)], kind="drawing")
     assert describe_prefix([unsure]) == "It is unclear what the drawing shows; it may be a bubble or a flatworm"
+
+
+def test_a_sure_classifier_names_the_detectors_unsure_main_box():
+    dog = [SeenObject("dog", 0.41, (20, 0, 430, 287)), SeenObject("cup", 0.35, (0, 0, 40, 40))]
+    fixed = reconcile(dog, "cat", 0.55, (451, 300))
+    assert [o.label for o in fixed] == ["cat", "cup"] and fixed[0].score == 0.41
+    assert [o.label for o in reconcile(dog, "cat", 0.2, (451, 300))] == ["dog", "cup"]  # classifier unsure
+    sure = [SeenObject("dog", 0.8, (20, 0, 430, 287))]
+    assert reconcile(sure, "cat", 0.9, (451, 300)) == sure  # the detector is sure
+    small = [SeenObject("dog", 0.4, (0, 0, 50, 50))]
+    assert reconcile(small, "cat", 0.9, (451, 300)) == small  # not the main thing in the image
 
 
 def test_count_questions_are_answered_from_the_detections():

@@ -49,6 +49,7 @@ from .starter_facts import (
     colour_name,
     dominant_colours,
     image_kind,
+    reconcile,
     region_colour,
 )
 
@@ -489,8 +490,9 @@ class StarterBackend(ScheduledBackend):
         known = frozenset(getattr(detector, "names", ()))
         out = []
         for img, (top, coco), dets in zip(pil, labels, found):
-            objects = [SeenObject(d.label, d.score, d.box, region_colour(img, d.box)) for d in dets]
             w, h = img.size
+            objects = [SeenObject(d.label, d.score, d.box, region_colour(img, d.box)) for d in dets]
+            objects = reconcile(objects, coco, top[0][1] if top else 0.0, (w, h))
             middle = (w * 0.3, h * 0.3, w * 0.7, h * 0.7)
             out.append(
                 SceneFacts(
