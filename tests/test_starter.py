@@ -610,7 +610,7 @@ def test_starter_counts_and_answers_from_the_detector(starter):
     assert texts[0] == "There are 3 people."
     assert texts[1] == "There is one person."
     assert texts[2] in ("There are 2 cats.", "There are probably 2 cats.")
-    assert texts[3].startswith("Yes, there is a cat")
+    assert texts[3].startswith("Yes, there is") and "cat" in texts[3]
     assert texts[4] == "No, I see no cats."
     assert texts[5].startswith("The cup is mostly")
     assert all(a.token_ids == [] for a in answers)  # none of them was written by the LM
