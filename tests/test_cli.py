@@ -151,3 +151,29 @@ def test_an_interrupted_command_exits_130_or_143_with_one_line(tmp_path, sig, co
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == line and "Traceback" not in err
+
+
+def test_help_shows_flags_as_flags(capsys):
+    assert main(["describe", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--json" in out and "<bool>" not in out
+    assert "--style brief|detailed" in out
+
+
+def test_a_mistyped_local_folder_is_no_such_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs" / "shapes-tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["describe", "x.png", "--model", "runs/shapes-tinny"]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder 'runs/shapes-tinny'" in err and "did you mean runs/shapes-tiny?" in err
+    assert "pull" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_set_key_names_the_close_setting():
+    from visprompt.errors import ConfigError
+    from visprompt.train.config import load_recipe
+
+    with pytest.raises(
+        ConfigError, match=r"unknown setting 'max_step': not a train or a model setting; did you mean max_steps\?"
+    ):
+        load_recipe(None, ["max_step=10"])

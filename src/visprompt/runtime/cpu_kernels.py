@@ -98,11 +98,39 @@ def compile_object(flags: list[str], out: str | Path) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
-def _build():
-    from torch.utils import cpp_extension
+def _import_built(name: str, path: Path):
+    """Import an extension module torch's builder made before (what cpp_extension.load does for a
+    build that is up to date, without importing cpp_extension and running ninja to find that out:
+    the folder's name already says which source, flags, CPU and torch it was built from)."""
+    import importlib.machinery
+    import importlib.util
 
+    import torch  # noqa: F401 - the module links against torch's libraries, loaded first
+
+    spec = importlib.util.spec_from_file_location(
+        name, path, loader=importlib.machinery.ExtensionFileLoader(name, str(path))
+    )
+    if spec is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _build():
     if os.environ.get("VISPROMPT_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return None, "turned off by VISPROMPT_KERNELS"
+    flags = compile_flags()
+    name = f"{NAME}_{build_key(flags=flags)}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    built = Path(root) / name / f"{name}.so"
+    if built.is_file():
+        try:
+            return _import_built(name, built), None
+        except ImportError:
+            pass  # a broken build: torch's builder makes it again below
+    from torch.utils import cpp_extension
+
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return None, f"no C++ compiler ({compiler!r} not found)"
@@ -110,10 +138,7 @@ def _build():
         import ninja  # noqa: F401
     except ImportError:
         return None, "the ninja package is not installed"
-    flags = compile_flags()
-    name = f"{NAME}_{build_key(flags=flags)}"
     # one folder per build key, under torch's extension cache (TORCH_EXTENSIONS_DIR when set)
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     build_dir = Path(root) / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,9 @@ class Prompt:
             a prompt with images but no keys is never cached).
         inputs: model-specific inputs a decoder may need besides the ids (a processor's output).
         answer_prefix: text the prompt already began the answer with (see `DecodeSequence`).
+        answer_complete: the answer_prefix is the whole answer (a backend that knows the answer
+            without the model, e.g. a count the starter's detector gives): the scheduler ends the
+            reply at once, as if the model's first token were its stop token, without decoding.
     """
 
     ids: list[int]
@@ -41,6 +44,7 @@ class Prompt:
     image_keys: tuple[str, ...] = ()
     inputs: dict[str, Any] | None = None
     answer_prefix: str = ""
+    answer_complete: bool = False
     _embeds: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:

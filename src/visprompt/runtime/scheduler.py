@@ -230,6 +230,12 @@ class Scheduler:
             submitted_at=time.perf_counter(),
         )
         handle = RequestHandle(self, req)
+        if prompt.answer_complete:
+            # The whole answer is the begun answer: it ends as if the first sampled token were the
+            # stop token (counted, as always), through the same stop-string and streaming rules.
+            req.seq.hit_stop_token = True
+            self._finish(req, handle, "stop")
+            return handle
         with self._lock:
             self._waiting.append((req, handle))
             self._wake.notify_all()

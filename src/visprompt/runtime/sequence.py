@@ -145,6 +145,8 @@ class DecodeSequence:
         self.finish_reason = reason
         if self._cut is None:
             self._flush()
+        if self.stops and self._cut is None:
+            self._find_stop()  # a reply that ends on its begun answer alone: stop strings in it still cut
         return self._take(None)
 
     def result(self) -> GenerationResult:

@@ -48,10 +48,11 @@ class Assistant:
         self.defaults = defaults or SamplingParams()
 
     @classmethod
-    def load(cls, ref: str = "starter", device: str = "cpu", **sampling: Any) -> Assistant:
+    def load(cls, ref: str = "starter", device: str = "cpu", one_shot: bool = False, **sampling: Any) -> Assistant:
+        """one_shot: this process answers once (see `engine.loading.load_backend`)."""
         from ..engine.loading import load_backend
 
-        return cls(load_backend(ref, device=device), SamplingParams().updated(**sampling))
+        return cls(load_backend(ref, device=device, one_shot=one_shot), SamplingParams().updated(**sampling))
 
     @property
     def name(self) -> str:

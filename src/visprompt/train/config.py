@@ -128,6 +128,16 @@ def _coerce(value: Any, target: Any, name: str) -> Any:
     return checked_value(name, parsed, target)
 
 
+def _unknown_setting(key: str, recipe: Recipe) -> str:
+    """--set KEY with no section that neither train nor model has, with the closest name of either."""
+    import difflib
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(recipe.model)}
+    close = difflib.get_close_matches(key, sorted(names - {"built"}), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown setting {key!r}: not a train or a model setting{hint}"
+
+
 def _apply(obj: Any, key: str, value: Any, section: str) -> None:
     names = {f.name for f in dataclasses.fields(obj)} - {"built"}  # VLMConfig.built is computed, not a setting
     if key not in names:
@@ -181,6 +191,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not section:
             in_train = name in {f.name for f in dataclasses.fields(TrainConfig)}
             section = "train" if in_train else "model"
+            if not in_train and name not in {f.name for f in dataclasses.fields(recipe.model)}:
+                raise ConfigError(_unknown_setting(name, recipe))
         if section not in ("model", "train"):
             raise ConfigError(f"--set key must start with model. or train., got {key!r}")
         _apply(getattr(recipe, section), name, value, section)

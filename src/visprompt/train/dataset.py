@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -140,10 +141,17 @@ class VLMDataset(Dataset):
         paths = list(records)
         was_training = vision.training
         vision.eval()
+        print(f"frozen encoder: encoding {len(paths)} images once, before the first step", file=sys.stderr, flush=True)
+        started, shown = time.time(), time.time()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             feats = vision(self.preprocess([self._load_image(p, records[p]) for p in chunk]))  # [n, N, Dv]
             store.update((p, f.clone()) for p, f in zip(chunk, feats))
+            done = start + len(chunk)
+            if time.time() - shown >= 10 and done < len(paths):  # a line every 10 s on a long pass
+                left = (time.time() - started) / done * (len(paths) - done)
+                print(f"frozen encoder: {done}/{len(paths)} images, ~{left:.0f} s left", file=sys.stderr, flush=True)
+                shown = time.time()
         vision.train(was_training)
         self.vision_features = store
         return sum(f.numel() * f.element_size() for f in store.values())

@@ -108,18 +108,18 @@ class Progress:
                 BarColumn,
                 MofNCompleteColumn,
                 TextColumn,
-                TimeRemainingColumn,
             )
             from rich.progress import (
                 Progress as RichProgress,
             )
 
+            # One ETA: the trainer's, in `info` (it leaves evaluation time out; rich's own remaining
+            # time column, from the recent step rate, disagreed with it)
             self.bar = RichProgress(
                 TextColumn("train"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
                 transient=False,
             )
             self.bar.start()

