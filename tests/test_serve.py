@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from conftest import TEXTS, spread_weights, tiny_config
 from PIL import Image
 from serve_helpers import (
     CountingHTTPServer,
@@ -590,3 +595,79 @@ def test_the_page_and_its_files_are_served_from_the_package(own):
         assert httpx.get(url + asset).status_code == 200
     assert "http" not in page.text.replace("http-equiv", "")  # nothing from another origin
     assert httpx.get(url + "/nothing-here").json()["error"]["type"] == "not_found_error"
+
+
+# ---------------------------------------------------------------------------------- the command line
+
+
+def test_serve_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from visprompt.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = [
+            ["serve", "--port", str(busy.getsockname()[1])],  # refused before any model loads
+            ["serve", "--port", "0", "--allowed-local-media-path", str(tmp_path / "missing")],
+            ["serve", "--port", "0", "--model", str(tmp_path / "no-model")],
+        ]
+        for argv in cases:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_other_commands_do_not_import_the_web_stack():
+    code = "import sys, visprompt.cli.main; print(sorted(m for m in ('fastapi', 'uvicorn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_drains_the_stream_in_flight_and_exits(tmp_path):
+    from visprompt.models.vision_language_model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    model = spread_weights(VisionLanguageModel.build(tiny_config(lm_max_position=2048), TEXTS)).eval()
+    model.save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VISPROMPT_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visprompt.cli.main", "serve", "--model", str(tmp_path / "model"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"messages": [user(text("Describe the image."))], "max_tokens": 1000, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    events.append(line)
+                if len(events) == 2:
+                    proc.send_signal(signal.SIGTERM)
+        assert len(events) > 5  # text kept coming after the signal
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][len("data: ") :])
+        assert last["choices"][0]["finish_reason"] in ("stop", "length")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err
+    assert "status=200" in err  # the drained request's log line: ids, sizes and timings

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from ..engine.backend import Backend
+from ..errors import VispromptError
 from .app import create_app
 from .config import ServeConfig
 from .media import MediaFetcher
@@ -49,19 +50,43 @@ def uvicorn_config(app, config: ServeConfig, **overrides) -> uvicorn.Config:
     return uvicorn.Config(app, **settings)
 
 
-def serve(backend: Backend, config: ServeConfig) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket (so a busy port is a one-line error before the model loads).
+
+    Args:
+        host: an address or name; port: the port (0: any free one).
+
+    Returns:
+        The socket. Raises `VispromptError` when it cannot be bound.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        raise VispromptError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(backend: Backend, config: ServeConfig, sock: socket.socket | None = None) -> None:
     """Serve `backend` until SIGINT or SIGTERM (in the foreground; blocks).
 
     Args:
         backend: the loaded model.
         config: address, access and limits.
+        sock: a socket from `listen` (default: one bound to config.host and config.port).
     """
+    sock = sock or listen(config.host, config.port)
     log_to_stderr()
     app = create_app(backend, config)
     server = uvicorn.Server(uvicorn_config(app, config))
-    shown = f"[{config.host}]" if ":" in config.host else config.host
-    logging.getLogger("visprompt.serve").info("serving %s on http://%s:%d", app.state.model.name, shown, config.port)
-    server.run()
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("visprompt.serve").info("serving %s on http://%s:%d", app.state.model.name, shown, port)
+    server.run(sockets=[sock])
 
 
 @dataclass
@@ -93,9 +118,7 @@ def serve_in_thread(
         The running server: `.url` (http://127.0.0.1:PORT) and `.stop()`.
     """
     config = config or ServeConfig()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     app = create_app(backend, config, fetcher)
     server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=port))
