@@ -58,10 +58,10 @@ class RequestTrace:
         if self._ended:
             return
         self._ended = True
-        self.capacity.give(self.held)
-        self.held = 0
         seconds = time.monotonic() - self.started
         self.metrics.answered(status, seconds, self.prompt_tokens, self.completion_tokens, self.images.count)
+        self.capacity.give(self.held)  # after the count: a freed slot means the request is counted
+        self.held = 0
         log.info(
             "%s status=%d%s body_bytes=%d images=%d image_bytes=%d pixels=%d prompt_tokens=%d "
             "completion_tokens=%d ttft=%s total=%.3fs",
