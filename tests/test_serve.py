@@ -546,7 +546,7 @@ def test_a_disconnect_mid_stream_frees_its_slot(own):
     body = {"messages": [user(text("Describe the image."))], "max_tokens": 220, "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # the stream has begun; now leave
+        assert next(lines).startswith("data: ")  # the stream has begun: leave
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         metrics = httpx.get(url + "/metrics").text

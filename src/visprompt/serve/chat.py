@@ -94,7 +94,10 @@ class ChatCompletions:
             raise APIError(504, "the request did not finish within --request-timeout", code="timeout") from None
         params = sampling(chat, prepared, model.context_length, config.max_tokens_limit)
         completion = Completion(model, self.metrics, deadline)
-        completion.submit(prepared, params)
+        if model.scheduled:
+            completion.submit(prepared, params)  # queues only: the prompt is built
+        else:  # a submit-only backend builds its prompt in submit
+            await anyio.to_thread.run_sync(completion.submit, prepared, params, limiter=self.limiter)
         envelope = Envelope(trace.rid, model.name)
         if chat.stream:
 

@@ -93,7 +93,7 @@ class ServedModel:
         return int(self.backend.scheduler.decoder.max_len) if self.scheduled else None
 
     def start(self) -> None:
-        """Build the scheduler now (the first request should not pay for it) and start its thread."""
+        """Build the scheduler before the first request (which should not pay for it) and start its thread."""
         self.backend.start()
 
     def close(self) -> None:
