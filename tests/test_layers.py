@@ -1,5 +1,6 @@
-"""The package's layers never import upward: images -> models -> runtime -> engine -> tasks -> cli;
-train and eval beside (train builds and trains models, eval scores backends)."""
+"""The package's layers never import upward: images -> models -> runtime -> engine -> tasks -> serve
+-> cli; train and eval beside (train builds and trains models, eval scores backends). Only the CLI
+imports serve."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "visprompt"
 
 # package -> the visprompt packages it must not import
 FORBIDDEN = {
-    "images": {"models", "runtime", "engine", "tasks", "cli", "train", "eval"},
-    "models": {"runtime", "engine", "tasks", "cli", "train", "eval"},
-    "runtime": {"engine", "tasks", "cli", "train", "eval"},
-    "engine": {"tasks", "cli", "train", "eval"},
-    "tasks": {"cli", "train", "eval"},
-    "train": {"engine", "tasks", "cli"},
-    "eval": {"tasks", "cli", "train"},
-    "data": {"runtime", "engine", "tasks", "cli", "train", "eval"},
+    "images": {"models", "runtime", "engine", "tasks", "serve", "cli", "train", "eval"},
+    "models": {"runtime", "engine", "tasks", "serve", "cli", "train", "eval"},
+    "runtime": {"engine", "tasks", "serve", "cli", "train", "eval"},
+    "engine": {"tasks", "serve", "cli", "train", "eval"},
+    "tasks": {"serve", "cli", "train", "eval"},
+    "serve": {"cli", "train", "eval", "data"},
+    "train": {"engine", "tasks", "serve", "cli"},
+    "eval": {"tasks", "serve", "cli", "train"},
+    "data": {"runtime", "engine", "tasks", "serve", "cli", "train", "eval"},
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from ..errors import VispromptError
+from ..serve.config import ServeConfig
 
 # rich_markup_mode=None: click's plain help. typer's rich help prints every flag with a type, as
 # "--json <bool>", which reads as if the flag took a value.
@@ -136,6 +137,63 @@ def pull(model: str = typer.Argument(..., help="Hub id, e.g. HuggingFaceTB/SmolV
     from ..models.hub import pull as hub_pull
 
     print(hub_pull(model))
+
+
+@app.command()
+def serve(
+    model: str = ModelOpt,
+    host: str = typer.Option(ServeConfig.host, help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(ServeConfig.port, help="Port to listen on."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 (default: $VISPROMPT_API_KEY)."
+    ),
+    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id clients see."),
+    allowed_media_domains: list[str] = typer.Option(
+        [], "--allowed-media-domains", help="Hosts whose http(s) image URLs are fetched (comma-separated, repeatable)."
+    ),
+    allowed_local_media_path: Path | None = typer.Option(
+        None, "--allowed-local-media-path", help="Folder whose files file:// image URLs may name."
+    ),
+    max_body_bytes: int = typer.Option(ServeConfig.max_body_bytes, "--max-body-bytes", help="Largest request body."),
+    max_images: int = typer.Option(ServeConfig.max_images, "--max-images", help="Images per request, all turns."),
+    max_image_bytes: int = typer.Option(ServeConfig.max_image_bytes, "--max-image-bytes", help="Largest image file."),
+    max_image_pixels: int = typer.Option(ServeConfig.max_image_pixels, "--max-image-pixels", help="Pixels per image."),
+    max_tokens_limit: int = typer.Option(
+        ServeConfig.max_tokens_limit, "--max-tokens-limit", help="Most completion tokens per choice."
+    ),
+    max_queued: int = typer.Option(
+        ServeConfig.max_queued, "--max-queued", help="Sequences waiting beyond the batch (429 beyond)."
+    ),
+    request_timeout: float = typer.Option(
+        ServeConfig.request_timeout, "--request-timeout", help="Seconds per request."
+    ),
+):
+    """Serve a model over OpenAI's chat completion API, with a web page at /."""
+    try:
+        from ..serve.server import listen
+        from ..serve.server import serve as run_server
+    except ImportError as exc:
+        raise VispromptError(f"serve needs the serve extra (pip install 'visprompt[serve]'): {exc}") from None
+    from ..engine.loading import load_backend
+
+    domains = tuple(d for item in allowed_media_domains for d in item.split(","))
+    config = ServeConfig(
+        host=host,
+        port=port,
+        model_name=served_model_name or model,
+        api_key=api_key,
+        allowed_media_domains=domains,
+        allowed_local_media_path=allowed_local_media_path,
+        max_body_bytes=max_body_bytes,
+        max_images=max_images,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+        max_tokens_limit=max_tokens_limit,
+        max_queued=max_queued,
+        request_timeout=request_timeout,
+    )
+    sock = listen(host, port)  # a busy port is an error before the model loads
+    run_server(load_backend(model), config, sock)
 
 
 @data_app.command("shapes")
