@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError
+from ..errors import DatasetError, one_line
 from ..models.chat import IMAGE_TOKEN
 
 # Role names seen in the wild; normalised to LLaVA's own "human" / "gpt".
@@ -53,7 +53,7 @@ def load_llava_records(path: str | os.PathLike, *, check_images: bool = True) ->
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read dataset file ({_one_line(exc)})") from None
+        raise DatasetError(f"{path}: cannot read dataset file ({one_line(exc)})") from None
     items = _parse_json_or_jsonl(text, path)
     return parse_llava_records(items, base_dir=path.parent, source=str(path), check_images=check_images)
 
@@ -95,11 +95,6 @@ def json_list_text(items: Iterable[Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _one_line(obj: Any) -> str:
-    # Error messages must stay on one line (the CLI prints them as such).
-    return " ".join(str(obj).split())
-
-
 def _parse_json_or_jsonl(text: str, path: Path) -> list[Any]:
     stripped = text.strip()
     if not stripped:
@@ -109,7 +104,7 @@ def _parse_json_or_jsonl(text: str, path: Path) -> list[Any]:
     except json.JSONDecodeError as exc:
         # Not one JSON document: read it as JSONL, but only if it looks like one object per line.
         if not stripped.startswith("{"):
-            raise DatasetError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+            raise DatasetError(f"{path}: not valid JSON ({one_line(exc)})") from None
     else:
         if isinstance(data, list):
             return data
@@ -123,7 +118,7 @@ def _parse_json_or_jsonl(text: str, path: Path) -> list[Any]:
         try:
             items.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: line {lineno}: not valid JSON ({_one_line(exc)})") from None
+            raise DatasetError(f"{path}: line {lineno}: not valid JSON ({one_line(exc)})") from None
     return items
 
 
@@ -131,8 +126,8 @@ def _parse_record(item: Any, index: int, base: Path, source: str, check_images: 
     def fail(msg: str) -> DatasetError:
         where = f"record {index}"
         if isinstance(item, dict) and "id" in item:
-            where += f" (id {_one_line(item['id'])!r})"
-        return DatasetError(f"{source}: {where}: {_one_line(msg)}")
+            where += f" (id {one_line(item['id'])!r})"
+        return DatasetError(f"{source}: {where}: {one_line(msg, limit=2000)}")
 
     if not isinstance(item, dict):
         raise fail(f"expected a JSON object, got {type(item).__name__}")

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from ..errors import ImageError
+from ..errors import ImageError, one_line
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
@@ -177,7 +177,7 @@ def _read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     except FileNotFoundError:
         raise ImageError(f"image file not found: {shown}") from None
     except OSError as exc:
-        raise ImageError(f"cannot read image file {shown}: {exc.strerror or _one_line(exc)}") from None
+        raise ImageError(f"cannot read image file {shown}: {exc.strerror or one_line(exc)}") from None
 
 
 _FILE_KINDS = (
@@ -227,7 +227,7 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except ValueError as exc:  # binascii.Error, or non-ASCII characters
-        raise ImageError(f"data URL has invalid base64: {_one_line(exc)}") from None
+        raise ImageError(f"data URL has invalid base64: {one_line(exc)}") from None
 
 
 def _check_bytes(size: int, max_bytes: int, what: str) -> None:
@@ -252,7 +252,7 @@ def _decoding(max_pixels: int) -> Iterator[None]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(_bomb_message(exc, max_pixels)) from None
     except Exception as exc:  # Pillow's decoders raise many types on bad data (OSError, SyntaxError, ...)
-        raise ImageError(f"image data is truncated or corrupt: {_one_line(exc)}") from exc
+        raise ImageError(f"image data is truncated or corrupt: {one_line(exc)}") from exc
 
 
 def _bomb_message(exc: Exception, max_pixels: int) -> str:
@@ -263,11 +263,7 @@ def _bomb_message(exc: Exception, max_pixels: int) -> str:
         limit = f"the {_pixels(max_pixels)} limit (max_pixels)"
     else:
         limit = f"Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
-    return f"image is over {limit}; Pillow refused it before decoding: {_one_line(exc)}"
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return f"image is over {limit}; Pillow refused it before decoding: {one_line(exc)}"
 
 
 _strict_lock = threading.Lock()
