@@ -1,6 +1,6 @@
 """visprompt: give a language model eyes."""
 
-from .errors import ConfigError, DatasetError, ImageError, ModelNotFoundError, VispromptError
+from .errors import ConfigError, DatasetError, ImageError, ModelLoadError, ModelNotFoundError, VispromptError
 
 __version__ = "0.1.0"
 
@@ -12,4 +12,13 @@ def load(model: str = "starter", **kwargs):
     return Assistant.load(model, **kwargs)
 
 
-__all__ = ["load", "VispromptError", "ImageError", "ModelNotFoundError", "ConfigError", "DatasetError", "__version__"]
+__all__ = [
+    "load",
+    "VispromptError",
+    "ImageError",
+    "ModelNotFoundError",
+    "ModelLoadError",
+    "ConfigError",
+    "DatasetError",
+    "__version__",
+]
