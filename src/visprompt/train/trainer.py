@@ -333,18 +333,17 @@ class Trainer:
         log = RunLog(self.out, step if resume_from else None, tc.tensorboard) if d.main else None
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(counts.values())
+        dtype, why = precision.choose(tc.dtype)
         if d.main:
             print(
                 f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
                 f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {cfg.tokens_per_image} tokens per image; "
                 f"{len(dataset)} examples, {total} steps"
                 + (f" on {d.world} processes" if d.active else "")
-                + (f", resuming at step {step} from {resume_from}" if resume_from else ""),
+                + (f", resuming at step {step} from {resume_from}" if resume_from else "")
+                + f"; precision {why}",
                 file=sys.stderr,
             )
-        dtype, why = precision.choose(tc.dtype)
-        if d.main:
-            print(f"precision: {why}", file=sys.stderr)
         autocast = precision.autocast(dtype)
 
         def checkpoint() -> Path:
