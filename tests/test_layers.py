@@ -1,5 +1,6 @@
 """The package's layers never import upward: images -> models -> runtime -> engine -> tasks -> cli;
-train and eval beside (train builds and trains models, eval scores backends)."""
+train, eval and export beside (train builds and trains models, eval scores backends, export writes
+models in other projects' formats)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ FORBIDDEN = {
     "tasks": {"cli", "train", "eval"},
     "train": {"engine", "tasks", "cli"},
     "eval": {"tasks", "cli", "train"},
+    "export": {"tasks", "cli", "train", "eval"},
     "data": {"runtime", "engine", "tasks", "cli", "train", "eval"},
 }
 

@@ -120,6 +120,22 @@ def evaluate(
 
 
 @app.command()
+def export(
+    model: str = typer.Argument(..., help="A visprompt model folder."),
+    format_: str = typer.Option(
+        ..., "--format", "-f", help="llava (transformers/vLLM folder) | gguf (llama.cpp/Ollama)."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write."),
+    quant: str = typer.Option("f16", "--quant", help="gguf: f16 | q8_0 | q4_k for the language model."),
+):
+    """Export a model for transformers/vLLM (LLaVA) or llama.cpp/Ollama (GGUF)."""
+    from ..export import export_model
+
+    for path in export_model(model, format_, output, quant=quant):
+        print(path)
+
+
+@app.command()
 def pull(model: str = typer.Argument(..., help="Hub id, e.g. HuggingFaceTB/SmolVLM-256M-Instruct")):
     """Download a model into the local cache (on a connected machine)."""
     from ..models.hub import pull as hub_pull

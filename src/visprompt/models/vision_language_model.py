@@ -105,6 +105,7 @@ class VisionLanguageModel(nn.Module):
             output_scale=text_rms * cfg.connector_output_gain,
             num_patches=num_patches,
             input_norm=cfg.connector_input_norm,
+            kind=cfg.connector_type,
         )
         n_tokens = connector.output_tokens(num_patches)
         if cfg.fusion == "cross_attention":
@@ -147,6 +148,7 @@ class VisionLanguageModel(nn.Module):
                 cfg.connector_dropout,
                 num_patches=cfg.vision_num_patches,
                 input_norm=cfg.connector_input_norm,
+                kind=cfg.connector_type,
             )
         model = cls(cfg, vision, connector, lm, tokenizer)
         # safetensors stores a tied tensor once under one of its names: tie first, so loading that
