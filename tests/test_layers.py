@@ -1,6 +1,6 @@
 """The package's layers never import upward: images -> models -> runtime -> engine -> tasks -> serve
--> cli; train and eval beside (train builds and trains models, eval scores backends). Only the CLI
-imports serve."""
+-> cli; train, eval and export beside (train builds and trains models, eval scores backends, export
+writes models in other projects' formats). Only the CLI imports serve."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ FORBIDDEN = {
     "train": {"engine", "tasks", "serve", "cli"},
     "eval": {"tasks", "serve", "cli", "train"},
     "data": {"runtime", "engine", "tasks", "serve", "cli", "train", "eval"},
+    "export": {"tasks", "serve", "cli", "train", "eval"},
 }
 
 

@@ -115,20 +115,48 @@ def train(
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m"),
-    data: Path = typer.Option(..., "--data", help="LLaVA JSON split with reference answers."),
+    data: Path = typer.Option(..., "--data", help="LLaVA JSON/JSONL split with reference answers."),
+    output: Path | None = typer.Option(
+        None, "--output", help="Folder for answers.jsonl and report.json/.md/.html (created if missing)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Keep the folder's answers; ask only the rest."),
+    by: str | None = typer.Option(None, "--by", help="Record field to break scores down by (default question_type)."),
     max_records: int = typer.Option(0, "--max-records", help="0: all."),
-    output: Path | None = typer.Option(None, "--output", help="Folder to write report.json into (created if missing)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
 ):
-    """Score a model's answers on a LLaVA-format split (normalised exact match)."""
+    """Answer a split's questions and score them (exact match, VQA accuracy, caption metrics)."""
     from ..engine.loading import load_backend
-    from ..eval import evaluate as evaluate_answers
+    from ..eval import run_evaluation
 
-    report = evaluate_answers(load_backend(model), data, max_records=max_records)
-    if output:
-        from ..files import atomic_write_text
+    report = run_evaluation(
+        load_backend(model),
+        data,
+        output=output,
+        resume=resume,
+        by=by,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_records=max_records,
+        model_name=model,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "worst"}))
 
-        atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    print(json.dumps(report.to_dict()))
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="A visprompt model folder."),
+    format_: str = typer.Option(
+        ..., "--format", "-f", help="llava (transformers/vLLM folder) | gguf (llama.cpp/Ollama)."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write."),
+    quant: str = typer.Option("f16", "--quant", help="gguf: f16 | q8_0 | q4_k for the language model."),
+):
+    """Export a model for transformers/vLLM (LLaVA) or llama.cpp/Ollama (GGUF)."""
+    from ..export import export_model
+
+    for path in export_model(model, format_, output, quant=quant):
+        print(path)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Score a backend on LLaVA-format question/answer records: every reply turn is one question.
 
-`evaluate` (also `visprompt.eval.evaluate`) is the one evaluation loop: the trainer's periodic
-evaluation and `visprompt eval` both call it with a Backend.
+`evaluate` (also `visprompt.eval.evaluate`) scores exact match for the trainer's periodic
+evaluation; `visprompt eval` (run.py) adds the answers log, resume, more metrics and reports. Both ask
+their questions through `generate_in_batches`, the one loop.
 
 Each turn is asked with the gold conversation before it (teacher forcing), so a record with five
 turns gives five independent scores.
@@ -49,6 +50,13 @@ def record_turn_conversations(record: LlavaRecord) -> list[tuple[list[dict], str
     ]
 
 
+def generate_in_batches(backend: Backend, conversations: Sequence[list[dict]], batch_size: int, params: SamplingParams):
+    """Yield (start index, results) for consecutive batches of `conversations` (the evaluation loop
+    `evaluate` and `run_evaluation` share)."""
+    for start in range(0, len(conversations), batch_size):
+        yield start, backend.generate(list(conversations[start : start + batch_size]), params)
+
+
 def evaluate(
     backend: Backend | torch.nn.Module,
     records: Sequence[LlavaRecord] | str | os.PathLike,
@@ -87,10 +95,8 @@ def evaluate(
     params = SamplingParams(max_new_tokens=max_new_tokens)
     hits: dict[str, list[bool]] = defaultdict(list)
     mistakes = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        results = backend.generate([c for c, _, _ in chunk], params)
-        for (conv, gold, kind), res in zip(chunk, results):
+    for start, results in generate_in_batches(backend, [c for c, _, _ in items], batch_size, params):
+        for (conv, gold, kind), res in zip(items[start : start + batch_size], results):
             ok = exact_match(res.text, gold)
             hits[kind].append(ok)
             if not ok and len(mistakes) < keep_mistakes:

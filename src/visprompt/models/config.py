@@ -23,6 +23,7 @@ from ..errors import ConfigError, one_line
 from .chat import IMAGE_TOKEN
 
 CONNECTOR_INPUT_NORMS = ("layer", "batch")  # see ModalityProjector
+CONNECTOR_TYPES = ("mlp", "llava")  # see ModalityProjector
 
 FUSIONS = ("prefix", "cross_attention", "mixture")
 
@@ -69,7 +70,10 @@ class VLMConfig:
     image_resize_mode: str = "squash"
 
     # --- connector (modality projector) ---------------------------------------------------
-    connector_type: str = "mlp"  # 2-layer MLP with GELU
+    # "mlp": input norm, 2-layer MLP with GELU, LayerNorm at the LM's embedding scale, learned positions.
+    # "llava": LLaVA-1.5's `mlp2x_gelu` exactly (Linear-GELU-Linear, nothing else): for a pretrained
+    # LM, and what `visprompt export --format llava|gguf` can write as a LLaVA checkpoint.
+    connector_type: str = "mlp"
     connector_hidden_size: int = 0  # 0: the LM's hidden size
     connector_pixel_shuffle: int = 1  # factor r: r*r neighbouring patches merge into one token
     connector_dropout: float = 0.0
@@ -144,6 +148,8 @@ class VLMConfig:
         for name in ("xattn_heads", "resampler_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.connector_type not in CONNECTOR_TYPES:
+            raise ConfigError(f"connector_type must be one of {CONNECTOR_TYPES}, got {self.connector_type!r}")
         if self.connector_input_norm not in CONNECTOR_INPUT_NORMS:
             raise ConfigError(
                 f"connector_input_norm must be one of {CONNECTOR_INPUT_NORMS}, got {self.connector_input_norm!r}"

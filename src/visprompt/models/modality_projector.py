@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .config import CONNECTOR_INPUT_NORMS
+from .config import CONNECTOR_INPUT_NORMS, CONNECTOR_TYPES
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -35,7 +35,11 @@ class _TokenBatchNorm(nn.BatchNorm1d):
 
 
 class ModalityProjector(nn.Module):
-    """Optional pixel shuffle, then a 2-layer MLP with GELU (LLaVA's `mlp2x_gelu`)."""
+    """Optional pixel shuffle, then a 2-layer MLP with GELU (LLaVA's `mlp2x_gelu`).
+
+    kind "mlp" wraps the MLP in an input norm, an output LayerNorm at the LM's embedding scale and a
+    learned position per token; kind "llava" is the bare MLP (`net.1`, `net.4`), as LLaVA-1.5 has it.
+    """
 
     def __init__(
         self,
@@ -47,8 +51,12 @@ class ModalityProjector(nn.Module):
         output_scale: float = 1.0,
         num_patches: int = 0,
         input_norm: str = "layer",
+        kind: str = "mlp",
     ):
         super().__init__()
+        if kind not in CONNECTOR_TYPES:
+            raise ConfigError(f"connector type must be one of {CONNECTOR_TYPES}, got {kind!r}")
+        self.kind = kind
         self.pixel_shuffle_factor = pixel_shuffle_factor
         in_dim = vision_dim * pixel_shuffle_factor**2
         hidden_dim = hidden_dim or lm_dim
@@ -58,8 +66,12 @@ class ModalityProjector(nn.Module):
         # image-dependent spread, e.g. a CNN's middle blocks, where LayerNorm keeps the constant part.
         if input_norm not in CONNECTOR_INPUT_NORMS:
             raise ConfigError(f"connector input norm must be one of {CONNECTOR_INPUT_NORMS}, got {input_norm!r}")
+        if kind == "llava":
+            norm: nn.Module = nn.Identity()  # keeps the linears at net.1 / net.4 either way
+        else:
+            norm = nn.LayerNorm(in_dim) if input_norm == "layer" else _TokenBatchNorm(in_dim)
         self.net = nn.Sequential(
-            nn.LayerNorm(in_dim) if input_norm == "layer" else _TokenBatchNorm(in_dim),
+            norm,
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
             nn.Dropout(dropout),
@@ -69,14 +81,15 @@ class ModalityProjector(nn.Module):
         # their RMS). Unnormalised, the MLP's output drifts to a large, nearly image-independent
         # vector that the LM learns to treat as a constant, and a model trained from scratch never
         # starts to look at the image.
-        self.out_norm = nn.LayerNorm(lm_dim)
+        self.out_norm = nn.LayerNorm(lm_dim) if kind == "mlp" else None
         # A learned position per output token. CNN features carry no absolute position, and the LM's
         # rotary positions are relative to the question's length, so without this "which token is
         # the top-left region" is hard to learn (positions, reading-order captions, relations).
-        n_out = num_patches // pixel_shuffle_factor**2 if num_patches else 0
+        n_out = num_patches // pixel_shuffle_factor**2 if num_patches and kind == "mlp" else 0
         self.position = nn.Parameter(torch.randn(n_out, lm_dim) * output_scale) if n_out else None
-        with torch.no_grad():
-            self.out_norm.weight.fill_(output_scale)
+        if self.out_norm is not None:
+            with torch.no_grad():
+                self.out_norm.weight.fill_(output_scale)
 
     def output_tokens(self, num_patches: int) -> int:
         return num_patches // self.pixel_shuffle_factor**2
@@ -88,10 +101,12 @@ class ModalityProjector(nn.Module):
             patches: [B, N, Dv] patch tokens from the vision encoder.
 
         Returns:
-            [B, N / r^2, D_lm] image tokens (r: the pixel shuffle factor), at the scale of the LM's
-            token embeddings, with a learned position added per token.
+            [B, N / r^2, D_lm] image tokens (r: the pixel shuffle factor); kind "mlp": at the scale of
+            the LM's token embeddings, with a learned position added per token.
         """
-        tokens = self.out_norm(self.net(pixel_shuffle(patches, self.pixel_shuffle_factor)))  # [B, N', D_lm]
+        tokens = self.net(pixel_shuffle(patches, self.pixel_shuffle_factor))  # [B, N', D_lm]
+        if self.out_norm is not None:
+            tokens = self.out_norm(tokens)
         if self.position is not None:
             if tokens.shape[1] != self.position.shape[0]:
                 raise ConfigError(

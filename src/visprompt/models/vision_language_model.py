@@ -51,7 +51,7 @@ class VLMOutput:
     mixture_weights: torch.Tensor | None = None  # [B, T, J] a_ij of mixture fusion with several images
 
 
-def _skip_init():
+def skip_init():
     """Skip random init when every weight is about to be loaded from a checkpoint."""
     try:
         from transformers.initialization import no_init_weights
@@ -105,6 +105,7 @@ class VisionLanguageModel(nn.Module):
             output_scale=text_rms * cfg.connector_output_gain,
             num_patches=num_patches,
             input_norm=cfg.connector_input_norm,
+            kind=cfg.connector_type,
         )
         n_tokens = connector.output_tokens(num_patches)
         if cfg.fusion == "cross_attention":
@@ -131,7 +132,7 @@ class VisionLanguageModel(nn.Module):
         uninitialised weights: for loading weights into it. `folder`: where the config was read from,
         named when its values do not describe a model (a one-line ConfigError)."""
         try:
-            with _skip_init():
+            with skip_init():
                 vision = VisionEncoder.from_config(cfg)
                 lm = language_model_from_config(cfg.lm_config)
                 connector = ModalityProjector(
@@ -142,6 +143,7 @@ class VisionLanguageModel(nn.Module):
                     cfg.connector_dropout,
                     num_patches=cfg.vision_num_patches,
                     input_norm=cfg.connector_input_norm,
+                    kind=cfg.connector_type,
                 )
             model = cls(cfg, vision, connector, lm, tokenizer)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:  # what a config of wrong values raises

@@ -6,10 +6,12 @@ output after 3 tokens), while llama.cpp's Q4/Q8 kernels decode several times fas
 the quantized path keeps the vision encoder and connector in torch and runs the language model in
 llama.cpp:
 
-* `write_gguf(lm, path, quant)` writes a transformers Llama LM to GGUF (Q8_0, Q4_0, Q4_1 or F32
-  matrices; norms in F32; the q/k rows permuted to llama.cpp's rotary layout, as
-  llama.cpp's `convert_hf_to_gguf.py` does). No tokenizer goes in (`no_vocab`): visprompt tokenizes
-  and feeds token ids and input embeddings itself.
+* `write_gguf(lm, path, quant)` writes a transformers Llama, Mistral or Qwen2 LM to GGUF (Q8_0,
+  Q4_0, Q4_1, F16 or F32 matrices written by the `gguf` package; Q4_K by llama.cpp's own quantizer
+  from the F16 file; norms and biases in F32; Llama's q/k rows permuted to llama.cpp's rotary
+  layout, as llama.cpp's `convert_hf_to_gguf.py` does). Without a tokenizer none goes in
+  (`no_vocab`): the quantized path tokenizes and feeds token ids and input embeddings itself; with
+  one (`visprompt export --format gguf`) the file runs on its own in llama.cpp and Ollama.
 * `LlamaCppLM` is a decoder with `FastLM`'s interface (sequences, `prefill` of input embeddings,
   batched `decode` of token ids), so the continuous-batching `Scheduler` drives it unchanged.
   Prompts (with image features already fused into the embeddings) enter as embeddings, the way
@@ -43,7 +45,10 @@ from torch import nn
 
 from ..errors import VispromptError
 
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "f32")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "f32", "f16", "q4_k")
+# transformers model type -> llama.cpp architecture
+GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's llama_ftype
 PIP_INSTALL = "pip install llama-cpp-python"
 
 
@@ -66,13 +71,18 @@ def _llama_cpp():
 # -- GGUF export ------------------------------------------------------------------------------------
 def gguf_unsupported_reason(lm: nn.Module) -> str | None:
     cfg = getattr(lm, "config", None)
-    if getattr(cfg, "model_type", None) != "llama":
-        return f"model type {getattr(cfg, 'model_type', None)!r} (only llama is exported)"
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in GGUF_ARCHES:
+        return f"model type {model_type!r} (llama, mistral and qwen2 are exported)"
     params = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(params, dict) and params.get("rope_type", "default") != "default":
         return f"rope type {params.get('rope_type')!r}"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+    if model_type != "qwen2" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
         return "linear biases"
+    window = getattr(cfg, "sliding_window", None)
+    if window and (model_type != "qwen2" or getattr(cfg, "use_sliding_window", False)):
+        if window < cfg.max_position_embeddings:
+            return f"sliding-window attention ({window} tokens)"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r}"
     return None
@@ -93,30 +103,72 @@ def weights_digest(lm: nn.Module) -> str:
     return h.hexdigest()
 
 
-def write_gguf(lm: nn.Module, path: str | os.PathLike, quant: str = "q8_0", name: str = "visprompt-lm") -> Path:
-    """Write a transformers Llama causal LM as a GGUF file llama.cpp can run (no tokenizer inside)."""
-    import gguf
+def write_gguf(
+    lm: nn.Module, path: str | os.PathLike, quant: str = "q8_0", name: str = "visprompt-lm", tokenizer=None
+) -> Path:
+    """Write a transformers Llama, Mistral or Qwen2 causal LM as a GGUF file llama.cpp can run.
 
+    Args:
+        lm: the causal LM (see `gguf_unsupported_reason`).
+        path: the file to write (atomically: a temporary sibling renamed into place).
+        quant: the matrices' type, one of QUANT_TYPES ("q4_k" needs llama-cpp-python's quantizer).
+        name: `general.name`.
+        tokenizer: a byte-level BPE tokenizer to write into the file (runtime/gguf_vocab.py), with its
+            chat template; None writes no vocabulary.
+
+    Returns:
+        The path.
+    """
     if quant not in QUANT_TYPES:
         raise VispromptError(f"quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
+    path = Path(path)
+    if quant == "q4_k":  # the gguf package cannot make k-quants: llama.cpp quantizes the F16 file
+        f16 = path.with_name(path.name + f".f16-{os.getpid()}")
+        try:
+            _write_gguf(lm, f16, "f16", name, tokenizer)
+            return _llama_cpp_quantize(f16, path, LLAMA_FTYPE_MOSTLY_Q4_K_M)
+        finally:
+            f16.unlink(missing_ok=True)
+    return _write_gguf(lm, path, quant, name, tokenizer)
+
+
+def _llama_cpp_quantize(source: Path, path: Path, ftype: int) -> Path:
+    L = _llama_cpp()
+    _silence(L)
+    params = L.llama_model_quantize_default_params()
+    params.ftype = ftype
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    if L.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise QuantizedUnavailable(f"llama.cpp could not quantize {source.name}")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_gguf(lm: nn.Module, path: Path, quant: str, name: str, tokenizer) -> Path:
+    import gguf
+
     reason = gguf_unsupported_reason(lm)
     if reason is not None:
         raise QuantizedUnavailable(f"cannot write this language model to GGUF: {reason}")
     cfg = lm.config
+    arch = GGUF_ARCHES[cfg.model_type]
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     Q = gguf.GGMLQuantizationType
-    mat_type = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f32": Q.F32}[quant]
-    emb_type = Q.F32 if quant == "f32" else Q.Q8_0  # token embeddings (and tied output) stay 8-bit
+    mat_type = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f32": Q.F32, "f16": Q.F16}[quant]
+    # token embeddings (and a tied output) stay 8-bit when the matrices are quantized
+    emb_type = mat_type if quant in ("f32", "f16") else Q.Q8_0
     file_type = {
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
     }[quant]
 
-    if quant != "f32":  # llama.cpp quantizes rows in blocks: every matrix row must fill whole blocks
+    if quant not in ("f32", "f16"):  # llama.cpp quantizes rows in blocks: every matrix row must fill whole blocks
         block = gguf.GGML_QUANT_SIZES[mat_type][0]
         rows = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size}
         rows["attention output"] = n_head * head_dim
@@ -128,10 +180,9 @@ def write_gguf(lm: nn.Module, path: str | os.PathLike, quant: str = "q8_0", name
                 + f" is not a multiple of {block}"
             )
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(name)
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -151,24 +202,36 @@ def write_gguf(lm: nn.Module, path: str | os.PathLike, quant: str = "q8_0", name
     w.add_rope_freq_base(float(theta or getattr(cfg, "rope_theta", 10000.0)))
     vocab = lm.get_input_embeddings().num_embeddings
     w.add_vocab_size(int(vocab))
-    w.add_tokenizer_model("no_vocab")
+    if tokenizer is None:
+        w.add_tokenizer_model("no_vocab")
+    else:
+        from .gguf_vocab import add_bpe_vocab
+
+        add_bpe_vocab(w, tokenizer, int(vocab))
 
     def add(tname: str, t: torch.Tensor, qtype) -> None:
         arr = t.detach().float().cpu().numpy()
         if qtype == Q.F32 or arr.ndim == 1:
             w.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
+        elif qtype == Q.F16:
+            w.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float16))
         else:
             w.add_tensor(tname, gguf.quants.quantize(np.ascontiguousarray(arr), qtype), raw_dtype=qtype)
 
+    # llama.cpp's llama architecture rotates interleaved pairs; its qwen2 one (NEOX) rotates halves as transformers does
+    permute = arch == "llama"
     add("token_embd.weight", lm.get_input_embeddings().weight, emb_type)
     for i, layer in enumerate(lm.model.layers):
         att, mlp = layer.self_attn, layer.mlp
         add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, Q.F32)
-        q = torch.from_numpy(_permute_rope(att.q_proj.weight.detach().float().numpy(), n_head))
-        k = torch.from_numpy(_permute_rope(att.k_proj.weight.detach().float().numpy(), n_kv))
-        add(f"blk.{i}.attn_q.weight", q, mat_type)
-        add(f"blk.{i}.attn_k.weight", k, mat_type)
-        add(f"blk.{i}.attn_v.weight", att.v_proj.weight, mat_type)
+        for proj, heads in (("q", n_head), ("k", n_kv), ("v", 0)):
+            linear = getattr(att, f"{proj}_proj")
+            weight, bias = linear.weight.detach().float(), linear.bias
+            if permute and heads:
+                weight = torch.from_numpy(_permute_rope(weight.numpy(), heads))
+            add(f"blk.{i}.attn_{proj}.weight", weight, mat_type)
+            if bias is not None:
+                add(f"blk.{i}.attn_{proj}.bias", bias, Q.F32)
         add(f"blk.{i}.attn_output.weight", att.o_proj.weight, mat_type)
         add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, Q.F32)
         add(f"blk.{i}.ffn_gate.weight", mlp.gate_proj.weight, mat_type)
