@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime.quantized import finish_gguf
 from .checks import ExportError, require_llava_compatible
 
 MMPROJ_TYPES = ("f16", "f32")
@@ -109,9 +110,4 @@ def write_mmproj(model, path: str | os.PathLike, dtype: str = "f16") -> Path:
     add("mm.0.bias", model.connector.net[1].bias)
     add("mm.2.weight", model.connector.net[4].weight)
     add("mm.2.bias", model.connector.net[4].bias)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
+    return finish_gguf(w, tmp, path)

@@ -241,6 +241,11 @@ def _write_gguf(lm: nn.Module, path: Path, quant: str, name: str, tokenizer) -> 
     tied = lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
     if not tied:
         add("output.weight", lm.lm_head.weight, emb_type)
+    return finish_gguf(w, tmp, path)
+
+
+def finish_gguf(w, tmp: Path, path: Path) -> Path:
+    """Write a filled GGUFWriter's header, metadata and tensors to `tmp`, then rename it to `path`."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

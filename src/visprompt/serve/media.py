@@ -24,7 +24,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpcore
 
-from ..errors import ImageError, VispromptError
+from ..errors import ImageError, VispromptError, one_line
 from ..images import read_image_bytes
 
 Resolver = Callable[[str, int], list[str]]
@@ -190,9 +190,9 @@ class MediaFetcher:
                 except httpcore.TimeoutException:
                     raise MediaError(f"image URL took over {self.timeout:g} s", "fetch_timeout") from None
                 except httpcore.NetworkError as exc:  # refused, reset, unreachable, TLS failures
-                    raise MediaError(f"cannot fetch image URL: {_one_line(exc)}", "fetch_failed") from None
+                    raise MediaError(f"cannot fetch image URL: {one_line(exc)}", "fetch_failed") from None
                 except httpcore.ProtocolError as exc:
-                    raise MediaError(f"image URL gave a bad HTTP answer: {_one_line(exc)}", "fetch_failed") from None
+                    raise MediaError(f"image URL gave a bad HTTP answer: {one_line(exc)}", "fetch_failed") from None
         raise MediaError(f"image URL redirected more than {self.max_redirects} times", "too_many_redirects")
 
     def _request_target(self, url: str) -> tuple[httpcore.URL, list[tuple[bytes, bytes]]]:
@@ -274,7 +274,3 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
