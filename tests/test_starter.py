@@ -12,6 +12,7 @@ import importlib.util
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -550,9 +551,30 @@ def detector():
 
 
 @pytest.fixture(scope="module")
-def starter(encoder, detector, lm_cache):
+def classifier(encoder, tmp_path_factory):
+    """The packaged classifier as the starter runs it: exported to ONNX, read by OpenCV."""
+    from visprompt.models.classifier import ImageClassifier, export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "efficientnet-lite0.onnx"
+    export_onnx(encoder, path)
+    return ImageClassifier.from_onnx(path)
+
+
+@pytest.mark.slow
+@needs_encoder
+@needs_skimage
+def test_opencv_classifier_equals_the_pytorch_encoder(encoder, classifier):
+    images = [photo(n) for n in ("chelsea", "coffee", "rocket")]
+    fast, reference = classifier.logits(images), encoder.logits(images)  # [3, 1000] each
+    assert fast.shape == reference.shape == (3, 1000)
+    np.testing.assert_allclose(fast, reference, atol=1e-4, rtol=0)
+    assert (fast.argmax(-1) == reference.argmax(-1)).all()
+
+
+@pytest.fixture(scope="module")
+def starter(classifier, detector, lm_cache):
     cache, model, tokenizer = lm_cache
-    return StarterBackend(encoder=encoder, detector=detector, lm=model, tokenizer=tokenizer, cache_dir=str(cache))
+    return StarterBackend(encoder=classifier, detector=detector, lm=model, tokenizer=tokenizer, cache_dir=str(cache))
 
 
 # photo -> words of which the description must name one (its main subject)
@@ -630,3 +652,38 @@ def test_starter_describes_and_answers(starter):
     assert any(w in described.text.lower() for w in ("coffee", "espresso", "cup")), described.text
     assert described.finish_reason == "stop" and described.completion_tokens > 0
     assert "cat" in animal.text.lower(), animal.text
+
+
+@pytest.mark.slow
+@needs_encoder
+@needs_detector
+@needs_lm
+@needs_skimage
+def test_a_fresh_describe_imports_neither_torch_nor_transformers(classifier, lm_cache, tmp_path):
+    """The main job in a fresh process, caches in place: the answer comes from the facts, so the LM's
+    weights, the decoder and torch are never loaded."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from visprompt.models.gguf import packaged_smollm2_path
+
+    cache, _, _ = lm_cache
+    converted = tmp_path / "cache" / "converted"
+    converted.mkdir(parents=True)
+    (converted / Path(packaged_smollm2_path()[1]).stem).symlink_to(cache)
+    (converted / "efficientnet-lite0.onnx").symlink_to(classifier.path)
+    photo("coffee").save(tmp_path / "coffee.jpg")
+    code = (
+        "import sys\n"
+        "from visprompt.cli.main import run\n"
+        f"sys.argv = ['visprompt', 'describe', {str(tmp_path / 'coffee.jpg')!r}]\n"
+        "try:\n    run()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "VISPROMPT_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    answer, imported = out.stdout.strip().splitlines()
+    assert "espresso" in answer or "cup" in answer, answer
+    assert imported == "[]", (imported, out.stderr)

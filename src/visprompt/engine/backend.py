@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..models.chat import (
     Conversation,
@@ -30,10 +30,12 @@ from ..models.chat import (
     message_text,
     normalize_conversations,
 )
-from ..runtime.decoder import Prompt
+from ..runtime.prompt import Prompt
 from ..runtime.sampling import SamplingParams
-from ..runtime.scheduler import RequestHandle, Scheduler, StreamEvent
-from ..runtime.sequence import GenerationResult
+from ..runtime.sequence import DecodeSequence, GenerationResult
+
+if TYPE_CHECKING:
+    from ..runtime.scheduler import RequestHandle, Scheduler, StreamEvent
 
 __all__ = [
     "Backend",
@@ -49,6 +51,26 @@ __all__ = [
     "message_text",
     "normalize_conversations",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The scheduler (and torch with it) is imported when first asked for: a backend that answers
+    # from what it already knows (the starter's facts) runs in a process that never imports torch.
+    if name in ("RequestHandle", "StreamEvent"):
+        from ..runtime import scheduler
+
+        return getattr(scheduler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def known_answer(prompt: Prompt, params: SamplingParams) -> GenerationResult:
+    """The reply to a prompt whose whole answer the backend already knows (`Prompt.answer_complete`),
+    through the decode core's rules, as the scheduler ends it: as if the first sampled token were
+    the stop token."""
+    seq = DecodeSequence(None, params, (), len(prompt.ids), None, prompt.answer_prefix)
+    seq.hit_stop_token = True
+    seq.finish("stop")
+    return seq.result()
 
 
 @runtime_checkable
@@ -142,6 +164,8 @@ class ScheduledBackend:
         if not conversations:
             return []
         prompts = self._prompts(conversations)
+        if all(p.answer_complete for p in prompts):  # nothing to generate: no model runs (or loads)
+            return [known_answer(p, params) for p in prompts]
         sched = self.scheduler
         handles = [sched.submit(p, params) for p in prompts]
         try:

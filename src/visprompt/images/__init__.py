@@ -9,17 +9,28 @@ from .loading import (
     read_image_bytes,
     to_rgb,
 )
-from .preprocess import (
-    CLIP_MEAN,
-    CLIP_STD,
-    HALF_MEAN,
-    HALF_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RESIZE_MODES,
-    ImagePreprocessor,
-    augment,
+
+_PREPROCESS = (
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "HALF_MEAN",
+    "HALF_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RESIZE_MODES",
+    "ImagePreprocessor",
+    "augment",
 )
+
+
+def __getattr__(name: str):
+    # Preprocessing (and torch with it) loads when first asked for: loading an image needs neither.
+    if name in _PREPROCESS:
+        from . import preprocess
+
+        return getattr(preprocess, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "load_image",

