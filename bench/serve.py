@@ -6,8 +6,14 @@ once. Each request is a question about a real photo (examples/coffee.jpg, as a d
 `--max-tokens` new tokens; tokens are counted from the server's `usage`. Prints a markdown table
 with the command that made it.
 
-    flock /tmp/visprompt-cpu.lock python bench/serve.py                     # the starter model
+    flock /tmp/visprompt-cpu.lock python bench/serve.py                     # a tiny own model
+    flock /tmp/visprompt-cpu.lock python bench/serve.py --model starter     # the starter model
     python bench/serve.py --requests 4 --concurrency 2 --max-tokens 4      # a quick check
+
+`--model tiny` (the default) builds a small visprompt model with random weights from a size spec
+(a 4-layer ViT, a 4-layer 256-wide Llama, prefix fusion) into a temporary folder: the server's own
+cost per request and the batching are what it measures, not a model's. Greedy replies of random
+weights run to `--max-tokens` (stop tokens are rare), so both rows generate the same token count.
 
 The machine is shared and noisy: compare the two rows of one run, not numbers across runs.
 """
@@ -45,6 +51,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_model_folder(folder: Path) -> str:
+    """A small visprompt model with random weights, built from a size spec and saved in `folder`."""
+    import torch
+
+    from visprompt.models.config import VLMConfig
+    from visprompt.models.vision_language_model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    texts = QUESTIONS + ["a cup of coffee on a saucer", "a table in a cafe", "brown, white and black"]
+    cfg = VLMConfig(image_size=64, vision_layers=4, lm_hidden_size=256, lm_layers=4, tokenizer_vocab_size=512)
+    VisionLanguageModel.build(cfg, texts).eval().save_pretrained(folder)
+    return str(folder)
 
 
 def start_server(model: str, port: int, startup: float) -> subprocess.Popen:
@@ -86,17 +106,21 @@ def run(client: openai.OpenAI, model: str, image: str, n: int, concurrency: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="starter")
+    parser.add_argument("--model", default="tiny", help="'tiny' (built here), 'starter', or a model folder")
     parser.add_argument("--requests", type=int, default=32, help="requests per run")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--startup", type=float, default=600, help="seconds to wait for the server")
     args = parser.parse_args()
 
+    import tempfile
+
     from visprompt.runtime.cpu import cpu_summary
 
+    tmp = tempfile.TemporaryDirectory(prefix="visprompt-bench-")
+    served = tiny_model_folder(Path(tmp.name) / "tiny") if args.model == "tiny" else args.model
     port = free_port()
-    proc = start_server(args.model, port, args.startup)
+    proc = start_server(served, port, args.startup)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
@@ -109,10 +133,11 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+        tmp.cleanup()
 
     command = "python bench/serve.py " + " ".join(sys.argv[1:])
     print(
-        f"`{command.strip()}` on {cpu_summary()}, {os.cpu_count()} CPUs; model {model}, {args.max_tokens} new tokens\n"
+        f"`{command.strip()}` on {cpu_summary()}, {os.cpu_count()} CPUs; model {args.model}, {args.max_tokens} new tokens\n"
     )
     print("| clients at once | requests | completion tokens | seconds | tokens/s |")
     print("|---|---|---|---|---|")
