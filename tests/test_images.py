@@ -31,6 +31,7 @@ from visprompt.images import (
     HALF_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    AugmentPolicy,
     ImagePreprocessor,
     augment,
     image_fingerprint,
@@ -545,3 +546,35 @@ def test_augment_keeps_size_colours_and_sides():
     assert np.array_equal(np.asarray(augment(img, random.Random(0), strength=0)), np.asarray(img))
     with pytest.raises(ValueError):
         augment(img, random.Random(0), strength=1.5)
+
+
+@pytest.mark.parametrize(
+    "text, flip, colour",
+    [
+        ("What shape is in the middle? A circle.", True, True),
+        ("Where is the square? Top left.", False, True),
+        ("Is the cat on the right-hand side?", False, True),
+        ("What color is the circle? Red.", True, False),
+        ("The ball on the left is blue.", False, False),
+        ("Describe the image. A bright room with a sofa.", True, True),
+    ],
+)
+def test_augment_policy_reads_the_conversation(text, flip, colour):
+    assert AugmentPolicy.for_text(text) == AugmentPolicy(flip=flip, colour=colour)
+
+
+def test_augment_flips_and_recolours_only_where_the_text_allows():
+    img = Image.new("RGB", (64, 48), (30, 200, 30))
+    img.paste((200, 30, 30), (0, 0, 32, 48))  # left half red, right half green
+    flipped = recoloured = 0
+    for seed in range(20):
+        both = augment(img, random.Random(seed), policy=AugmentPolicy(flip=True, colour=True))
+        flip_only = augment(img, random.Random(seed), policy=AugmentPolicy(flip=True))
+        colour_only = augment(img, random.Random(seed), policy=AugmentPolicy(colour=True))
+        r, g, _ = pixel(flip_only, (8, 24))
+        flipped += g > r  # green on the left
+        recoloured += not np.array_equal(np.asarray(both), np.asarray(flip_only))
+        r, g, _ = pixel(colour_only, (8, 24))
+        assert r > g  # never flipped: red stays on the left
+    assert 4 <= flipped <= 16  # about half the time
+    assert recoloured >= 15  # the same draws, a colour change on top

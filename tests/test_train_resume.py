@@ -193,6 +193,23 @@ def test_batches_resume_mid_epoch_in_the_same_order(start):
     assert list(batches) != full  # a new shuffle each epoch
 
 
+def test_length_grouped_batches_hold_similar_lengths_and_resume_in_order():
+    lengths = [(i * 37) % 101 for i in range(400)]
+    plain = EpochBatches(400, 8, seed=3, drop_last=True)
+    grouped = EpochBatches(400, 4, seed=3, drop_last=True, rank=1, world=2, lengths=lengths)
+    ranks = [EpochBatches(400, 4, seed=3, drop_last=True, rank=r, world=2, lengths=lengths) for r in (0, 1)]
+    global_batches = [a + b for a, b in zip(*(list(r) for r in ranks))]
+    assert sorted(i for b in global_batches for i in b) == list(range(400))  # each example once
+
+    def spread(batches):  # mean (longest - shortest) per batch
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert spread(global_batches) < spread(list(plain)) / 4
+    assert [len(b) for b in global_batches] == [8] * 50
+    grouped.set_position(0, 7)
+    assert list(grouped) == list(ranks[1])[7:]
+
+
 # -- real signals, through the console command ----------------------------------------------------
 
 TRAIN_CMD = [sys.executable, "-m", "visprompt.cli.main", "train"]

@@ -18,6 +18,7 @@ _PREPROCESS = (
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "RESIZE_MODES",
+    "AugmentPolicy",
     "ImagePreprocessor",
     "augment",
 )
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "ImagePreprocessor",
     "augment",
+    "AugmentPolicy",
     "RESIZE_MODES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

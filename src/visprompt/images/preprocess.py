@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,13 +114,41 @@ class ImagePreprocessor:
             raise ConfigError(f"image preprocessor config: {exc}") from None
 
 
-def augment(img: Image.Image, rng: random.Random, strength: float = 1.0) -> Image.Image:
+# Words that make a flip or a colour change turn a true answer false.
+SIDE_WORDS = frozenset("left right leftmost rightmost lefthand righthand".split())
+COLOUR_WORDS = frozenset(
+    """red orange yellow green blue purple violet pink brown black white grey gray beige cyan magenta
+    turquoise teal navy maroon olive gold golden silver tan cream colour color colours colors coloured
+    colored colourful colorful reddish bluish greenish yellowish""".split()
+)
+_WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Which label-changing jitters a training example allows: a horizontal flip unless its text
+    speaks of left or right, colour jitter (saturation, hue) unless it speaks of colours."""
+
+    flip: bool = False
+    colour: bool = False
+
+    @classmethod
+    def for_text(cls, text: str) -> AugmentPolicy:
+        words = set(_WORD.findall(text.lower().replace("-", "")))
+        return cls(flip=not words & SIDE_WORDS, colour=not words & COLOUR_WORDS)
+
+
+def augment(
+    img: Image.Image, rng: random.Random, strength: float = 1.0, policy: AugmentPolicy = AugmentPolicy()
+) -> Image.Image:
     """Training-time jitter that keeps the answers to questions about the image true.
 
-    Brightness and contrast each change by a factor within 1 +- 0.2 * strength; both act on the three
-    channels alike, so hues survive (the data asks about colours). A zoom of up to 1 + 0.15 * strength at a
-    random offset gives scale and translation jitter with no border to fill; the size is unchanged. No
-    flips or rotations: questions ask about left and right. `strength` is in [0, 1].
+    Always: brightness and contrast each change by a factor within 1 +- 0.2 * strength (both act on
+    the three channels alike, so hues survive), and a zoom of up to 1 + 0.15 * strength at a random
+    offset gives scale and translation jitter with no border to fill; the size is unchanged. What
+    `policy` allows (see `AugmentPolicy.for_text`): a horizontal flip half the time, and saturation
+    within 1 +- 0.3 * strength and a hue shift within +- 0.05 * strength turns. The same number of
+    random draws whatever the policy, so examples stay in step. `strength` is in [0, 1].
     """
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -130,7 +159,20 @@ def augment(img: Image.Image, rng: random.Random, strength: float = 1.0) -> Imag
     box_w, box_h = img.width / zoom, img.height / zoom
     left = rng.uniform(0, img.width - box_w)
     top = rng.uniform(0, img.height - box_h)
-    return img.resize(img.size, _BICUBIC, box=(left, top, left + box_w, top + box_h))
+    img = img.resize(img.size, _BICUBIC, box=(left, top, left + box_w, top + box_h))
+    flip = rng.random() < 0.5
+    saturation = rng.uniform(1 - 0.3 * strength, 1 + 0.3 * strength)
+    hue = rng.uniform(-0.05 * strength, 0.05 * strength)
+    if policy.flip and flip and strength > 0:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if policy.colour and strength > 0:
+        img = ImageEnhance.Color(img).enhance(saturation)
+        if hue:
+            h, sat, v = img.convert("HSV").split()
+            shift = round(hue * 256) % 256
+            h = h.point(lambda x: (x + shift) % 256)
+            img = Image.merge("HSV", (h, sat, v)).convert("RGB")
+    return img
 
 
 def _triple(name: str, values: Sequence[float]) -> tuple[float, float, float]:

@@ -38,7 +38,12 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's LR
     grad_clip: float = 1.0
+    # Brightness, contrast and zoom jitter; plus a horizontal flip unless the conversation speaks of
+    # left or right, and colour jitter unless it speaks of colours (images.preprocess.AugmentPolicy).
     augment: bool = False
+    # Batches of similar lengths (less padding): each shuffled window of 50 global batches is sorted
+    # by length, cut into batches, and the batches shuffled (transformers' group_by_length).
+    group_by_length: bool = False
     # With a frozen encoder (vision_lr 0) and no augmentation, run it once per distinct training
     # image and train on its stored outputs (kept in memory, up to cache_vision_features_gb).
     cache_vision_features: bool = True

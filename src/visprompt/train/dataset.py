@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..data.llava import IMAGE_TOKEN, LlavaRecord, record_conversation
 from ..errors import ConfigError, DatasetError, ImageError
-from ..images import ImagePreprocessor, load_image
+from ..images import AugmentPolicy, ImagePreprocessor, load_image
 from ..models.chat import encode_training_example, to_chat
 
 IGNORE_INDEX = -100
@@ -43,6 +43,7 @@ class Example:
     labels: list[int]
     images: list[str]
     record_id: str = ""
+    augment: AugmentPolicy = AugmentPolicy()  # which label-changing jitters its text allows
 
 
 class VLMDataset(Dataset):
@@ -74,7 +75,8 @@ class VLMDataset(Dataset):
                 skipped += 1  # cutting would drop image tokens or answers: skip, and say so
                 continue
             labels = [t if m else IGNORE_INDEX for t, m in zip(full_ids, full_mask)]
-            self.examples.append(Example(full_ids, labels, list(rec.images), rec.id))
+            text = " ".join([rec.system or "", *(t for turn in rec.turns for t in turn)])
+            self.examples.append(Example(full_ids, labels, list(rec.images), rec.id, AugmentPolicy.for_text(text)))
         if skipped:
             print(
                 f"warning: skipped {skipped} of {len(records)} records longer than max_length={max_length}",
@@ -104,7 +106,7 @@ class VLMDataset(Dataset):
         if self.augment:
             from ..images.preprocess import augment
 
-            images = [augment(im, self.rng) for im in images]
+            images = [augment(im, self.rng, policy=ex.augment) for im in images]
         pixels = self.preprocess(images) if images else None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
 

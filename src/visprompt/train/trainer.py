@@ -275,7 +275,10 @@ class Trainer:
         dataset.require_examples(tc.train_data)
         eval_dataset = VLMDataset(eval_records, model, tc.max_length, preprocess) if eval_records else None
         drop_last = d.active or len(dataset) > tc.batch_size  # several processes: every slice full
-        batches = EpochBatches(len(dataset), tc.batch_size, tc.seed, drop_last, tc.grad_accum, d.rank, d.world)
+        lengths = [len(ex.input_ids) for ex in dataset.examples] if tc.group_by_length else None
+        batches = EpochBatches(
+            len(dataset), tc.batch_size, tc.seed, drop_last, tc.grad_accum, d.rank, d.world, lengths=lengths
+        )
         steps_per_epoch = batches.steps_per_epoch()
         if steps_per_epoch == 0:
             raise ConfigError(
