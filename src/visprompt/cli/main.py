@@ -85,6 +85,51 @@ def ask(
 
 
 @app.command()
+def video(
+    video_file: str = typer.Argument(..., metavar="VIDEO", help="A video file (mp4, mkv, webm, mov, avi, ...)."),
+    model: str = ModelOpt,
+    max_frames: int = typer.Option(8, "--max-frames", help="At most this many scenes (keyframes) are described."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Per description and for the summary."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print {summary, duration, scenes: [{start, end, description}]}."
+    ),
+):
+    """Summarise a video: its scenes (cuts found by content, keyframes described) and a summary."""
+    import visprompt
+
+    from ..images.video import probe_video
+
+    probe_video(video_file)  # an unreadable file is an error before a model is loaded
+    assistant = visprompt.load(model, one_shot=True)
+    result = assistant.video(video_file, max_frames=max_frames, max_new_tokens=max_new_tokens)
+    print(json.dumps(result.to_dict()) if as_json else result.render())
+
+
+@app.command()
+def lesson(
+    image: str = typer.Argument(..., help="Image path (or data: URL)."),
+    model: str = ModelOpt,
+    questions: int = typer.Option(3, "--questions", help="How many quiz questions."),
+    level: str = typer.Option("school", "--level", metavar="child|school|university", help="Who the lesson is for."),
+    max_new_tokens: int = typer.Option(2048, "--max-new-tokens", help="Token budget; strings are bounded to fit it."),
+    temperature: float = typer.Option(0.0),
+    seed: int | None = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Print the lesson as JSON (valid against lesson.schema.json)."),
+):
+    """Teach a lesson about an image: an explanation for the level and multiple-choice questions."""
+    import visprompt
+
+    from ..tasks.lesson import lesson_schema, render_lesson
+
+    lesson_schema(questions, level, max_new_tokens)  # bad options are errors before a model is loaded
+    assistant = visprompt.load(model, one_shot=True)
+    result = assistant.lesson(
+        image, questions=questions, level=level, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    print(json.dumps(result) if as_json else render_lesson(result))
+
+
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="Recipe YAML (model: and train: sections)."),
     set_: list[str] = typer.Option(

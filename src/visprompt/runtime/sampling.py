@@ -13,7 +13,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class SamplingParams:
-    """Generation options shared by every backend. temperature 0 means greedy."""
+    """Generation options shared by every backend. temperature 0 means greedy.
+
+    json_schema: when set, the reply is JSON valid against this JSON Schema. Local backends enforce
+    it token by token (runtime/constraint.py, through the scheduler); a backend that calls a remote
+    API passes it on as `response_format` (`openai_response_format`).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -21,6 +26,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -33,6 +39,10 @@ class SamplingParams:
             raise VispromptError(f"top_k must be >= 0, got {self.top_k}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise VispromptError(
+                f"json_schema must be a JSON Schema object (dict), got {type(self.json_schema).__name__}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +50,12 @@ class SamplingParams:
 
     def updated(self, **overrides: Any) -> SamplingParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def openai_response_format(schema: dict[str, Any], name: str = "reply") -> dict[str, Any]:
+    """A JSON Schema as OpenAI's `response_format` (structured outputs), for backends that call an
+    OpenAI-compatible server with `SamplingParams.json_schema`."""
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

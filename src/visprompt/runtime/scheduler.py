@@ -11,8 +11,9 @@ which owns the stop rules and the streamed text. Each `step()`:
    admitted ends there, unless the step before it admitted too (so first tokens are not held back by
    a decode step, and arrivals never starve the running requests);
 3. runs one batched decode step for every running request: each row has its own position, its own
-   `SamplingParams` (greedy rows share one argmax, sampled rows use their own seeded generator) and
-   its own stop conditions;
+   `SamplingParams` (greedy rows share one argmax, sampled rows use their own seeded generator), its
+   own stop conditions and, with `json_schema`, its own token mask (runtime/constraint.py: a row
+   ends as soon as its JSON is complete);
 4. finishes requests, frees their slots, and stores their KV (prompt + reply) in the prefix cache
    for a follow-up turn.
 
@@ -36,6 +37,7 @@ import torch
 
 from ..errors import VispromptError
 from .caches import PrefixKVCache, token_keys
+from .constraint import JsonSchemaConstraint, json_constraint
 from .decoder import Decoder, Prompt
 from .sampling import SamplingParams, choose_next_tokens, make_generator
 from .sequence import DecodeSequence, GenerationResult
@@ -58,6 +60,7 @@ class _Request:
     params: SamplingParams
     on_event: Callable[[StreamEvent], None] | None
     generator: torch.Generator | None = None
+    constraint: JsonSchemaConstraint | None = None  # the mask that keeps the reply valid JSON
     slot: int | None = None  # the decoder's sequence id while admitted
     pending: int | None = None  # sampled, not yet fed to the decoder
     cancelled: bool = False
@@ -227,6 +230,7 @@ class Scheduler:
             params=params,
             on_event=on_event,
             generator=make_generator(params),
+            constraint=json_constraint(params.json_schema, self.tokenizer, self.stop_ids),
             submitted_at=time.perf_counter(),
         )
         handle = RequestHandle(self, req)
@@ -424,6 +428,11 @@ class Scheduler:
         logits = logits.float()
         if self._banned is not None:
             logits = logits.index_fill(-1, self._banned.to(logits.device), float("-inf"))
+        constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
+        if constrained:
+            logits = logits.clone() if self._banned is None else logits
+            for i in constrained:
+                logits[i] = reqs[i].constraint.mask(logits[i])
         out: list[int | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
@@ -438,6 +447,11 @@ class Scheduler:
     def _accept(self, req: _Request, handle: RequestHandle, tok: int) -> None:
         """One sampled token: the sequence applies the stop rules and says what may be streamed."""
         delta = req.seq.accept(tok)
+        if req.constraint is not None:
+            req.constraint.advance(tok)
+            if req.constraint.done and not req.seq.finished:  # the JSON is complete: nothing may follow
+                self._finish(req, handle, "stop", delta, token_id=tok)
+                return
         if req.seq.finished:
             fed = tok if tok not in self.stop_ids else None
             self._finish(req, handle, req.seq.finish_reason, delta, token_id=fed)

@@ -3,6 +3,8 @@
 model = visprompt.load("runs/shapes-tiny")
 model.ask("scene.png", "What color is the circle?")
 model.describe(["a.jpg", "b.jpg"])              # batched over lists
+model.video("clip.mp4").render()                # scenes with mm:ss starts and a summary
+model.lesson("cell.jpg", questions=3, level="school")   # explanation + quiz, schema-valid JSON
 model.generate([{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
                                              {"type": "text", "text": "Any cats?"}]}], temperature=0.7)
 """
@@ -86,3 +88,22 @@ class Assistant:
         if style not in DESCRIBE_PROMPTS:
             raise VispromptError(f"style must be one of {', '.join(DESCRIBE_PROMPTS)}, got {style!r}")
         return self.ask(image, DESCRIBE_PROMPTS[style], **sampling)
+
+    def video(self, path: Any, max_frames: int = 8, **sampling: Any):
+        """A `tasks.video.VideoSummary` of a video file: its scenes (start, end, description) and a
+        summary. At most `max_frames` keyframes are described, in one batch."""
+        from .video import summarize_video
+
+        after = bool(getattr(self.backend, "image_after_text", False))
+        return summarize_video(self.backend, path, max_frames, self.defaults.updated(**sampling), after)
+
+    def lesson(self, image: Any, questions: int = 3, level: str = "school", **sampling: Any) -> dict[str, Any]:
+        """A lesson about an image for `level` (child, school, university): {"level", "explanation",
+        "questions": [{"question", "choices", "answer", "why"}]}, valid against the packaged
+        lesson schema (`tasks.lesson`); `max_new_tokens` defaults to 2048 here."""
+        from .lesson import DEFAULT_MAX_NEW_TOKENS, make_lesson
+
+        if sampling.get("max_new_tokens") is None:
+            sampling["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+        after = bool(getattr(self.backend, "image_after_text", False))
+        return make_lesson(self.backend, image, questions, level, self.defaults.updated(**sampling), after)
