@@ -136,14 +136,14 @@ def add_character(state: StoryState, subject: str | None) -> Character | None:
 _EXAMPLES = (
     (
         "Characters: Leo (a dog).\nPicture: The photo shows Leo, a dog, on the left.\n"
-        "Write the opening paragraph of the story.",
+        "Write the opening paragraph of the story, about Leo.",
         "Leo the dog woke early and trotted to the left side of the garden. Something new was in the air "
         "today. He wagged his tail and set off to find it.",
     ),
     (
         "Characters: Leo (a dog); Nell (a bicycle).\nStory so far: Leo the dog woke early and trotted to "
         "the left side of the garden.\nPicture: The photo shows Nell, a bicycle, in the centre.\n"
-        "Direction: make it funnier.\nWrite the next paragraph of the story.",
+        "Direction: make it funnier.\nWrite the next paragraph of the story, about Nell.",
         "In the middle of the lane stood Nell, a bicycle with a squeaky bell. Leo barked at the bell, and "
         "the bell squeaked back. They argued all the way down the hill.",
     ),
@@ -165,6 +165,8 @@ def named_scene(scene: str, state: StoryState) -> str:
 def story_chat(state: StoryState, scene: str, direction: str | None, ending: bool) -> list[dict[str, str]]:
     """The text-only chat that asks for the next paragraph, from the state and this turn's input."""
     lines = []
+    here = [c.name for c in state.characters if scene and c.what.lower() in scene.lower()]
+    about = f", about {' and '.join(here)}" if here else ""
     if state.characters:
         lines.append("Characters: " + "; ".join(f"{c.name} ({c.what})" for c in state.characters) + ".")
     if state.plot:
@@ -176,11 +178,11 @@ def story_chat(state: StoryState, scene: str, direction: str | None, ending: boo
     if direction:
         lines.append(f"Direction: {direction.strip()}.".replace("..", "."))
     if ending:
-        lines.append("Write the last paragraph of the story: end it.")
+        lines.append(f"Write the last paragraph of the story{about}: end it.")
     elif state.plot:
-        lines.append("Write the next paragraph of the story.")
+        lines.append(f"Write the next paragraph of the story{about}.")
     else:
-        lines.append("Write the opening paragraph of the story.")
+        lines.append(f"Write the opening paragraph of the story{about}.")
     chat = [{"role": "system", "content": SYSTEM}]
     for request, paragraph in _EXAMPLES:
         chat += [{"role": "user", "content": request}, {"role": "assistant", "content": paragraph}]
