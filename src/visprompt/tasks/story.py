@@ -189,17 +189,20 @@ def story_chat(state: StoryState, scene: str, direction: str | None, ending: boo
     return [*chat, {"role": "user", "content": "\n".join(lines)}]
 
 
-def tidy(text: str) -> str:
-    """A paragraph as shown: one line, whole sentences only, no sentence said twice."""
+def tidy(text: str, plot: list[str] = ()) -> str:
+    """A paragraph as shown: one line, whole sentences only, no sentence said twice (in it, or in the
+    plot so far, which small models copy), unless that leaves nothing."""
     text = " ".join(text.split())
     sentences = [s.strip() for s in _SENTENCE.findall(text)]
     if not sentences:
         return text
+    said = {s.strip().lower() for p in plot for s in _SENTENCE.findall(p)}
     out: list[str] = []
     for s in sentences:
-        if s.lower() not in (o.lower() for o in out):
+        if s.lower() not in said:
             out.append(s)
-    return " ".join(out)
+            said.add(s.lower())
+    return " ".join(out) or sentences[0]
 
 
 class Story:
@@ -232,7 +235,7 @@ class Story:
         state = self.state
         if state.ended:
             raise VispromptError("the story has ended: start a new one")
-        if image is None and not direction and not state.plot:
+        if image is None and not state.plot:
             raise VispromptError("a story begins with a picture")
         scene = ""
         if image is not None:
@@ -243,7 +246,7 @@ class Story:
         ending = wants_ending(direction)
         chat = story_chat(state, scene, direction, ending)
         params = {**self.sampling, "stop": ["\n\n", *self.sampling.get("stop", [])]}
-        text = tidy(str(self.assistant.generate(chat, **params)))
+        text = tidy(str(self.assistant.generate(chat, **params)), state.plot)
         state.plot.append(text)
         state.scenes.append(scene)
         state.ended = ending
