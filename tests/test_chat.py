@@ -85,7 +85,7 @@ def test_a_saved_conversation_stores_images_by_hash_and_resumes_the_same(photo, 
     assert resumed.messages[-1] == chat.messages[-1]
 
 
-def spawn(*args: str, cwd) -> pexpect.spawn:
+def spawn(*args: str, cwd, command: str = "chat") -> pexpect.spawn:
     src = str(Path(visprompt.__file__).parents[1])  # the package under test, from any working folder
     env = {
         **os.environ,
@@ -94,7 +94,7 @@ def spawn(*args: str, cwd) -> pexpect.spawn:
     }
     return pexpect.spawn(
         sys.executable,
-        ["-m", "visprompt.cli.main", "chat", *args],
+        ["-m", "visprompt.cli.main", command, *args],
         cwd=str(cwd),
         env=env,
         encoding="utf-8",

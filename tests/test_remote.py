@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from conftest import tiny_config
 from PIL import Image
 from test_backend_contract import own_backend
 
@@ -24,7 +25,7 @@ N = 16
 @pytest.fixture(scope="module")
 def live():
     """The own tiny model behind `visprompt serve` on loopback, and a remote backend for it."""
-    backend = own_backend()
+    backend = own_backend(tiny_config(lm_max_position=4096))  # room for the story's and tone's prompts
     server = serve_in_thread(backend, ServeConfig(model_name="own-tiny"))
     remote = RemoteBackend("own-tiny", base_url=server.url)
     yield backend, remote, server
@@ -119,3 +120,18 @@ def test_a_missing_server_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot reach") and len(err.strip().splitlines()) == 1
     assert main(["describe", str(image), "--base-url", "http://127.0.0.1:1"]) == 2  # not a remote model
+
+
+def test_tone_and_story_run_on_the_remote_model_as_on_the_model_itself(live):
+    from visprompt.tasks.assistant import Assistant
+    from visprompt.tasks.story import Story
+
+    backend, remote, _ = live
+    local, far = (
+        Assistant(backend, SamplingParams(max_new_tokens=N)),
+        Assistant(remote, SamplingParams(max_new_tokens=N)),
+    )
+    image = Image.new("RGB", (40, 30), "red")
+    assert far.describe(image, tone="calm") == local.describe(image, tone="calm")
+    stories = [Story(a, max_new_tokens=N) for a in (local, far)]
+    assert [s.turn(image) for s in stories] == [stories[0].paragraphs[0]] * 2

@@ -115,3 +115,26 @@ def test_the_starter_tells_a_readable_story_from_real_photos():
         assert sum(len(w) for w in words) / max(1, len(text.replace(" ", ""))) > 0.8, text  # mostly letters
     assert [c.name for c in story.state.characters] == ["Mara", "Tobin", "Ilse"]
     assert any(c.name in " ".join(story.paragraphs) for c in story.state.characters)
+
+
+def test_an_interactive_story_takes_pictures_and_directions_until_it_ends(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    from test_chat import spawn
+
+    folder = tmp_path / "model"
+    tiny_model(4096).save_pretrained(folder)
+    paths = []
+    for i, im in enumerate(pictures()):
+        paths.append(str(tmp_path / f"{i}.png"))
+        im.save(paths[-1])
+    child = spawn("--model", str(folder), "--max-new-tokens", "8", paths[0], cwd=tmp_path, command="story")
+    child.expect("story> ")  # a terminal: interactive after the pictures given
+    child.sendline(paths[1])
+    child.expect("story> ")
+    child.sendline("make it funnier")
+    child.expect("story> ")
+    child.sendline("end it")
+    child.expect("The end.")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
