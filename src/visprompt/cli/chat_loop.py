@@ -44,21 +44,23 @@ def _command(chat, line: str) -> bool:
 
 
 def _answer(chat, line: str) -> None:
-    """Send one message and print the answer as it comes; Ctrl-C stops it."""
+    """Send one message and print the answer as it comes; Ctrl-C stops it. The turn is finished
+    whatever happens (an error mid-answer is raised from `finish`, and the chat goes on)."""
     handle = None
     print("model> ", end="", flush=True)
     try:
-        handle = chat.send(line)
-        for piece in handle:
-            print(piece, end="", flush=True)
-    except KeyboardInterrupt:
-        if handle is not None:
-            handle.cancel()
-        print(" [stopped]", end="")
+        try:
+            handle = chat.send(line)
+            for piece in handle:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            if handle is not None:
+                handle.cancel()
+            print(" [stopped]", end="")
     finally:
         print(flush=True)
-    if handle is not None:
-        chat.finish(handle)
+        if handle is not None:
+            chat.finish(handle)
 
 
 def run_chat(model: str, base_url: str | None, api_key: str | None, resume: Path | None, sampling: dict) -> None:

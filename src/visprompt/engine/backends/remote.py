@@ -158,7 +158,10 @@ class RemoteHandle:
 
     def events(self) -> Iterator[StreamEvent]:
         while True:
-            ev = self._queue.get()
+            try:
+                ev = self._queue.get(timeout=0.1)  # a timeout: Ctrl-C reaches a waiting main thread
+            except queue.Empty:
+                continue
             if ev.finished and self._error is not None:
                 raise self._error
             yield ev
