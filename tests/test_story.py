@@ -138,3 +138,24 @@ def test_an_interactive_story_takes_pictures_and_directions_until_it_ends(tmp_pa
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_story_and_tone_run_on_an_hf_vlm(tmp_path):
+    """A tiny LLaVA (random weights): its context widened to hold the worked examples."""
+    pytest.importorskip("transformers")
+    from hf_tiny import WRITERS
+
+    from visprompt.engine.backend import SamplingParams
+    from visprompt.engine.backends.hf_vlm import HFVLMBackend
+
+    folder = WRITERS["llava"](tmp_path / "llava", seed=1)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 2048
+    (folder / "config.json").write_text(json.dumps(config))
+    model = Assistant(HFVLMBackend.from_pretrained(folder), SamplingParams(max_new_tokens=6))
+    image = pictures()[0]
+    assert model.describe(image, tone="warm").startswith("With a gentle smile, ")  # gibberish: framed
+    story = Story(model, max_new_tokens=6)
+    story.turn(image)
+    story.turn(image, "end it")
+    assert story.state.ended and len(story.paragraphs) == 2
