@@ -27,7 +27,13 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Make datasets.")
 app.add_typer(data_app, name="data")
 
-ModelOpt = typer.Option("starter", "--model", "-m", help="A model folder, a hub id, or 'starter'.")
+ModelOpt = typer.Option(
+    "starter", "--model", "-m", help="A model folder, a hub id, 'starter', or openai:MODEL (with --base-url)."
+)
+BaseUrlOpt = typer.Option(
+    None, "--base-url", help="The OpenAI-compatible server of an openai:MODEL (default: $OPENAI_BASE_URL)."
+)
+ApiKeyOpt = typer.Option(None, "--api-key", help="Its key (default: $OPENAI_API_KEY).")
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None) -> dict:
@@ -46,6 +52,11 @@ def describe(
     image: str = typer.Argument(..., help="Image path (or data: URL)."),
     model: str = ModelOpt,
     style: str = typer.Option("brief", metavar="brief|detailed", help="A sentence, or a short paragraph."),
+    tone: str | None = typer.Option(
+        None, metavar="calm|joyful|somber|suspenseful|whimsical|warm", help="The same facts in this register."
+    ),
+    base_url: str | None = BaseUrlOpt,
+    api_key: str | None = ApiKeyOpt,
     max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -53,12 +64,17 @@ def describe(
     seed: int | None = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """Describe an image."""
+    """Describe an image (in a tone, with --tone)."""
     import visprompt
 
-    assistant = visprompt.load(model, one_shot=True)
-    text = assistant.describe(image, style=style, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
-    _emit(text, as_json, model=assistant.name, image=image)
+    from ..tasks.tone import tone_of
+
+    if tone is not None:
+        tone_of(tone)  # before a model is loaded
+    assistant = visprompt.load(model, one_shot=True, base_url=base_url, api_key=api_key)
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    text = assistant.describe(image, style=style, tone=tone, **sampling)
+    _emit(text, as_json, model=assistant.name, image=image, **({"tone": tone} if tone else {}))
 
 
 @app.command()
@@ -66,6 +82,8 @@ def ask(
     image: str = typer.Argument(..., help="Image path (or data: URL)."),
     question: str = typer.Argument(...),
     model: str = ModelOpt,
+    base_url: str | None = BaseUrlOpt,
+    api_key: str | None = ApiKeyOpt,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -79,7 +97,7 @@ def ask(
     from ..tasks.assistant import check_question
 
     check_question(question)  # before a model is loaded
-    assistant = visprompt.load(model, one_shot=True)
+    assistant = visprompt.load(model, one_shot=True, base_url=base_url, api_key=api_key)
     text = assistant.ask(image, question, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
     _emit(text, as_json, model=assistant.name, image=image, question=question)
 
@@ -127,6 +145,52 @@ def lesson(
         image, questions=questions, level=level, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )
     print(json.dumps(result) if as_json else render_lesson(result))
+
+
+@app.command()
+def chat(
+    model: str = ModelOpt,
+    base_url: str | None = BaseUrlOpt,
+    api_key: str | None = ApiKeyOpt,
+    resume: Path | None = typer.Option(None, "--resume", help="Go on with a conversation saved by /save."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int | None = typer.Option(None),
+):
+    """Talk with a model about images: /image PATH, /save FILE, /reset, /quit (or Ctrl-D); Ctrl-C
+    stops an answer."""
+    from .chat_loop import run_chat
+
+    run_chat(model, base_url, api_key, resume, _sampling(max_new_tokens, temperature, top_p, top_k, seed))
+
+
+@app.command()
+def story(
+    images: list[str] = typer.Argument(None, help="Pictures, in the order the story meets them."),
+    model: str = ModelOpt,
+    base_url: str | None = BaseUrlOpt,
+    api_key: str | None = ApiKeyOpt,
+    turns: int | None = typer.Option(None, "--turns", help="Paragraphs to write (default: one per picture)."),
+    interactive: bool | None = typer.Option(
+        None, "--interactive/--no-interactive", help="Then ask for pictures or directions (default: on a terminal)."
+    ),
+    save: Path | None = typer.Option(None, "--save", help="Save the story's state here after every paragraph."),
+    resume: Path | None = typer.Option(None, "--resume", help="Go on with a saved story."),
+    max_new_tokens: int = typer.Option(110, "--max-new-tokens", help="The longest paragraph, in tokens."),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int | None = typer.Option(None),
+):
+    """Tell a story from pictures: each one continues the plot."""
+    from .story_loop import run_story
+
+    if interactive is None:
+        interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    run_story(model, base_url, api_key, list(images or []), turns, interactive, save, resume, sampling)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Model references -> backends: a visprompt folder, an HF VLM (folder or hub id), or `starter`."""
+"""Model references -> backends: a visprompt folder, an HF VLM (folder or hub id), `starter`, or
+`openai:MODEL` (a model behind an OpenAI-compatible server at `base_url`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,28 @@ from .backend import Backend
 STARTER = "starter"
 
 
-def load_backend(ref: str = STARTER, device: str = "cpu", one_shot: bool = False) -> Backend:
+def load_backend(
+    ref: str = STARTER,
+    device: str = "cpu",
+    one_shot: bool = False,
+    base_url: str | None = None,
+    api_key: str | None = None,
+) -> Backend:
     """one_shot: the process answers once and ends (`visprompt describe`): load for the first answer
     rather than for many (the starter skips the decode-friendly copies of its LM's weights, which
-    take longer to make than one short answer gains from them)."""
+    take longer to make than one short answer gains from them). base_url and api_key: the server of
+    an `openai:MODEL` reference (default `$OPENAI_BASE_URL`, `$OPENAI_API_KEY`); it is reached once
+    here, so a missing server is an error before any work."""
+    from .backends.remote import PREFIX
+
+    if ref.startswith(PREFIX):
+        from .backends.remote import RemoteBackend
+
+        remote = RemoteBackend(ref[len(PREFIX) :], base_url=base_url, api_key=api_key)
+        remote.check()
+        return remote
+    if base_url is not None:
+        raise ConfigError(f"--base-url is for remote models (--model openai:MODEL), not {ref!r}")
     if ref == STARTER:
         from .backends.starter import StarterBackend
 

@@ -50,11 +50,21 @@ class Assistant:
         self.defaults = defaults or SamplingParams()
 
     @classmethod
-    def load(cls, ref: str = "starter", device: str = "cpu", one_shot: bool = False, **sampling: Any) -> Assistant:
-        """one_shot: this process answers once (see `engine.loading.load_backend`)."""
+    def load(
+        cls,
+        ref: str = "starter",
+        device: str = "cpu",
+        one_shot: bool = False,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        **sampling: Any,
+    ) -> Assistant:
+        """one_shot: this process answers once; base_url, api_key: the server of an `openai:MODEL`
+        reference (see `engine.loading.load_backend`)."""
         from ..engine.loading import load_backend
 
-        return cls(load_backend(ref, device=device, one_shot=one_shot), SamplingParams().updated(**sampling))
+        backend = load_backend(ref, device=device, one_shot=one_shot, base_url=base_url, api_key=api_key)
+        return cls(backend, SamplingParams().updated(**sampling))
 
     @property
     def name(self) -> str:
@@ -84,10 +94,36 @@ class Assistant:
             return self.generate([[user_turn([image], q, after)] for q in questions], **sampling)
         return self.generate([user_turn([image], questions, after)], **sampling)
 
-    def describe(self, image: Any, style: str = "brief", **sampling: Any) -> str | list[str]:
+    def describe(self, image: Any, style: str = "brief", tone: str | None = None, **sampling: Any) -> str | list[str]:
+        """Describe an image (or a list of them, as one batch). tone: the same facts in an emotional
+        register (`tasks.tone.TONES`: calm, joyful, somber, ...); an unknown tone is a VispromptError."""
+        from .tone import in_tone, rewrite_chat, tone_of
+
         if style not in DESCRIBE_PROMPTS:
             raise VispromptError(f"style must be one of {', '.join(DESCRIBE_PROMPTS)}, got {style!r}")
-        return self.ask(image, DESCRIBE_PROMPTS[style], **sampling)
+        if tone is not None:
+            tone_of(tone)  # before any work
+        plain = self.ask(image, DESCRIBE_PROMPTS[style], **sampling)
+        if tone is None:
+            return plain
+        plains = plain if _is_batch(plain) else [plain]
+        rewrites = self.generate([rewrite_chat(p, tone) for p in plains], **sampling)
+        toned = [in_tone(p, r, tone) for p, r in zip(plains, rewrites)]
+        return toned if _is_batch(plain) else toned[0]
+
+    def story(self, images: Any = (), turns: int | None = None, state: Any = None, **sampling: Any):
+        """Tell a story from pictures: one paragraph per image (then, up to `turns`, paragraphs without
+        one). state: a `StoryState` (or the path of a saved one) to go on with. Returns the `Story`:
+        its `.paragraphs`, `.state` (`.save(path)`), and `.turn(image, direction)` for more."""
+        from .story import Story, StoryState
+
+        if isinstance(state, (str, bytes)) or hasattr(state, "__fspath__"):
+            state = StoryState.load(state)
+        story = Story(self, state, **sampling)
+        images = list(images) if _is_batch(images) else [images]
+        if images or turns:
+            story.tell(images, turns)
+        return story
 
     def video(self, path: Any, max_frames: int = 8, **sampling: Any):
         """A `tasks.video.VideoSummary` of a video file: its scenes (start, end, description) and a
