@@ -86,3 +86,11 @@ class Assistant:
         if style not in DESCRIBE_PROMPTS:
             raise VispromptError(f"style must be one of {', '.join(DESCRIBE_PROMPTS)}, got {style!r}")
         return self.ask(image, DESCRIBE_PROMPTS[style], **sampling)
+
+    def explain(self, image: Any, question: str, token: str | None = None, method: str = "mean", **kwargs: Any):
+        """Where the model looked: the greedy answer (as `ask` gives it) and each answer token's (or
+        `token`'s) text -> image attention mapped onto the image grid; `method` "mean" or "rollout".
+        Returns a `visprompt.eval.attention.Explanation`; see `visprompt.eval.attention.explain`."""
+        from ..eval.attention import explain
+
+        return explain(self.backend, image, question, token=token, method=method, **kwargs)
