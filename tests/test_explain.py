@@ -96,8 +96,10 @@ def test_a_resampler_and_the_starter_are_refused_in_one_line():
         explain(make_tiny_starter(), IMAGE, "What color is the circle?")
 
 
-@pytest.mark.parametrize(("writer", "grid"), [("write_llava", (4, 4)), ("write_llava_next", (4, 6))])
-def test_hf_llava_style_models_map_their_image_tokens_and_keep_their_attention(writer, grid, tmp_path):
+@pytest.mark.parametrize(
+    ("writer", "grid", "seen"), [("write_llava", (4, 4), (30, 30)), ("write_llava_next", (4, 6), (40, 30))]
+)
+def test_hf_llava_style_models_map_their_image_tokens_and_keep_their_attention(writer, grid, seen, tmp_path):
     import hf_tiny
 
     from visprompt.engine.backends.hf_vlm import HFVLMBackend
@@ -107,6 +109,7 @@ def test_hf_llava_style_models_map_their_image_tokens_and_keep_their_attention(w
     found = explain(backend, IMAGE, "What is in this image?", max_new_tokens=3)
     assert found.answer == Assistant(backend).ask(IMAGE, "What is in this image?", max_new_tokens=3)
     assert found.grid == grid  # LLaVA-NeXT: the tiles, unpadded to the 4:3 image
+    assert found.image.size == seen  # LLaVA sees the centre square; NeXT's tiles cover the whole image
     assert all(m.shape == grid and 0 < m.sum() < 1 for m in found.maps)
     assert len(found.balance) == 2
     assert backend.model.config._attn_implementation == before

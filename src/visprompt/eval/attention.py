@@ -391,8 +391,15 @@ def _anyres_grid(model, inputs: dict, n: int) -> tuple[tuple[int, int], torch.Te
 
 
 def _seen_image(backend, picture):
-    """The image as the model saw it: the backend's own resize, else the processor's output size."""
+    """The part of the image the map covers: a visprompt model's own resize; for an HF VLM the centre
+    square when its processor crops one (LLaVA), else the whole image (LLaVA-NeXT's tiles, Qwen2-VL)."""
     pre = getattr(backend, "preprocess", None)
     if pre is not None and hasattr(pre, "resize"):
         return pre.resize(picture)
+    processor = getattr(getattr(backend, "processor", None), "image_processor", None)
+    anyres = getattr(getattr(backend.model, "config", None), "image_grid_pinpoints", None)
+    if getattr(processor, "do_center_crop", False) and not anyres:
+        w, h = picture.size
+        side = min(w, h)
+        return picture.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
     return picture

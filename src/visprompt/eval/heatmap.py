@@ -39,7 +39,7 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 def draw_heatmaps(explanation: Explanation, path: str | os.PathLike) -> None:
     """One panel per explained token: the image the model saw, its attention map upsampled over it
-    (bilinear, 50% opaque), a colour bar of the attention mass per image cell, the token in the title.
+    (one block per image-token cell, 60% opaque), a colour bar of the attention mass per image cell, the token in the title.
 
     Args:
         explanation: what `explain` returned.
@@ -49,13 +49,14 @@ def draw_heatmaps(explanation: Explanation, path: str | os.PathLike) -> None:
     n = len(explanation.maps)
     cols = min(n, _COLUMNS)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.0 * rows + 0.8), squeeze=False, layout="constrained")
     image = np.asarray(explanation.image.convert("RGB"))
     h, w = image.shape[:2]
     for ax, token, grid_map, mass in zip(axes.flat, explanation.tokens, explanation.maps, explanation.image_mass):
         ax.imshow(image, extent=(0, w, h, 0))
-        shown = ax.imshow(grid_map, cmap="inferno", alpha=0.55, extent=(0, w, h, 0), interpolation="bilinear")
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="attention mass")
+        # each image token's cell as one block: the map is only as fine as the model's token grid
+        shown = ax.imshow(grid_map, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest")
+        fig.colorbar(shown, ax=ax, shrink=0.85, label="attention mass")
         ax.set_title(f"{token!r}  (image {100 * mass:.0f}%)", fontsize=11)
         ax.set_axis_off()
     for ax in list(axes.flat)[n:]:
@@ -79,7 +80,7 @@ def draw_balance(explanation: Explanation, path: str | os.PathLike) -> None:
     plt = _pyplot()
     image = np.asarray(explanation.balance, dtype=float)
     layers = np.arange(len(image))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(image) + 2.5), 3.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(image) + 2.5), 3.4), layout="constrained")
     ax.bar(layers, image, color="#d95f02", label="image tokens")
     ax.bar(layers, 1.0 - image, bottom=image, color="#7570b3", label="text tokens")
     ax.set_xticks(layers)
