@@ -271,6 +271,7 @@ def data_shapes(
         "--image-first",
         help="Put the image before the question (LLaVA's usual layout); the default puts it after.",
     ),
+    image_size: int = typer.Option(128, "--image-size", help="Side of the square images, in pixels (>= 48)."),
     kinds: str | None = typer.Option(
         None, "--kinds", help="Only these question kinds, comma-separated (caption,color,shape,count,...)."
     ),
@@ -287,6 +288,7 @@ def data_shapes(
         questions_per_image=questions,
         turns_per_record=turns_per_record,
         image_after_question=not image_first,
+        image_size=image_size,
         kinds=[k.strip() for k in kinds.split(",")] if kinds else None,
     )
     print(json.dumps(summary), file=sys.stderr)

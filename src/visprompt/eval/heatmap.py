@@ -87,7 +87,7 @@ def draw_balance(explanation: Explanation, path: str | os.PathLike) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("share of attention")
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper right", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=9)
     ax.set_title("\n".join(textwrap.wrap(f"Modality balance: {explanation.prompt} -> {explanation.answer}", 60)))
     try:
         _save(fig, path)
