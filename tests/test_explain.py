@@ -115,6 +115,26 @@ def test_hf_llava_style_models_map_their_image_tokens_and_keep_their_attention(w
     assert backend.model.config._attn_implementation == before
 
 
+def test_qwen2_vl_maps_its_merged_patch_grid(tmp_path):
+    import hf_tiny
+
+    from visprompt.engine.backends.hf_vlm import HFVLMBackend
+
+    backend = HFVLMBackend.from_pretrained(str(hf_tiny.write_qwen2_vl(tmp_path / "m")))
+    found = explain(backend, Image.new("RGB", (84, 56), "blue"), "What is in this image?", max_new_tokens=2)
+    assert found.grid == (2, 3)  # 56 x 84 px: 4 x 6 patches of 14 px, merged 2 x 2
+    assert all(m.shape == (2, 3) and 0 < m.sum() < 1 for m in found.maps)
+
+
+def test_a_word_after_the_cross_attention_placeholder_reads_the_image():
+    backend = own_backend("cross_attention")  # image first
+    found = explain(backend, IMAGE, "What color is the circle?", token="circle")
+    assert found.tokens == ["circle"] and found.image_mass == [pytest.approx(1.0)]
+    backend.model.cfg.image_after_text = True
+    with pytest.raises(VispromptError, match="comes before the image"):
+        explain(backend, IMAGE, "What color is the circle?", token="circle")
+
+
 def test_the_command_writes_the_heatmap_and_the_balance_and_refuses_in_one_line(tmp_path, capsys):
     folder = tmp_path / "model"
     own_backend("prefix").model.save_pretrained(folder)

@@ -76,6 +76,7 @@ class _Pass:
     image_pos: [N] positions of the image tokens in the sequence, in grid order (prefix, HF).
     grid: (H_grid, W_grid) with H_grid * W_grid == N.
     ids: the sequence's token ids; prompt_len: how many of them are the prompt.
+    first_image: the first position that can read the image (its first token, or its placeholder).
     """
 
     self_attn: list[torch.Tensor] | None
@@ -85,6 +86,7 @@ class _Pass:
     grid: tuple[int, int]
     ids: list[int]
     prompt_len: int
+    first_image: int
 
 
 def explain(
@@ -200,11 +202,10 @@ def _queries(run: _Pass, tok, word: str | None) -> tuple[list[int], list[str]]:
     for q, name in answer:
         if name.lower() == want:
             return [q], [name]
-    first_image = int(run.image_pos[0]) if run.image_pos is not None else _first_image_col(run)
     for pos in range(P):
         name = _piece(tok, ids[pos])
         if name.lower() == want:
-            if pos < first_image:
+            if pos < run.first_image:
                 raise VispromptError(
                     f"{word!r} comes before the image in the prompt, so it cannot attend to it: "
                     "choose an answer word or one after the image"
@@ -212,16 +213,6 @@ def _queries(run: _Pass, tok, word: str | None) -> tuple[list[int], list[str]]:
             return [pos], [name]
     shown = " ".join(name for _, name in answer)
     raise VispromptError(f"{word!r} is not a token of the answer ({shown!r}) or of the prompt")
-
-
-def _first_image_col(run: _Pass) -> int:
-    """Cross-attention: the first position that sees the image (its placeholder)."""
-    share = run.cross_share
-    for layer in share:
-        seen = (layer > 0).nonzero()
-        if len(seen):
-            return int(seen[0])
-    return run.prompt_len
 
 
 # -- collectors ---------------------------------------------------------------------------------------
@@ -277,14 +268,16 @@ def _own_pass(backend, conv, answer_ids: list[int]) -> _Pass:
             )
         grid = _square_grid(model.cfg.image_feature_tokens, "the model's image tokens are not a square grid")
         cross, share = _cross_attention_pass(model, x, prompt.image_embeds)
-        return _Pass(None, cross, share, None, grid, ids, len(prompt.ids))
+        first = ids.index(model.cfg.image_token_id)  # the placeholder: the image is read from there on
+        return _Pass(None, cross, share, None, grid, ids, len(prompt.ids), first)
     # prefix fusion; mixture fusion with one image is prefix fusion (the same code path)
     grid = _square_grid(model.cfg.tokens_per_image, "the model's image tokens are not a square grid")
     with torch.no_grad(), eager_attention(model.lm):
         embeds = model.embed(x, prompt.image_embeds, strict=True)
         out = model.lm(inputs_embeds=embeds, output_attentions=True, use_cache=False)
     image_pos = (x[0] == model.cfg.image_token_id).nonzero()[:, 0][: grid[0] * grid[1]]
-    return _Pass([a[0].float() for a in out.attentions], None, None, image_pos, grid, ids, len(prompt.ids))
+    attentions = [a[0].float() for a in out.attentions]
+    return _Pass(attentions, None, None, image_pos, grid, ids, len(prompt.ids), int(image_pos[0]))
 
 
 def _cross_attention_pass(model, x: torch.Tensor, image_embeds: torch.Tensor):
@@ -348,7 +341,8 @@ def _hf_pass(backend, conv, answer_ids: list[int]) -> _Pass:
     if not attentions:
         raise VispromptError(f"'{backend.name}' returned no attention weights (output_attentions=True)")
     ids = inputs["input_ids"][0].tolist()
-    return _Pass([a[0].float() for a in attentions], None, None, image_pos[keep], grid, ids, len(prompt.ids))
+    attentions = [a[0].float() for a in attentions]
+    return _Pass(attentions, None, None, image_pos[keep], grid, ids, len(prompt.ids), int(image_pos[0]))
 
 
 def _hf_grid(model, inputs: dict, n: int) -> tuple[tuple[int, int], torch.Tensor]:
