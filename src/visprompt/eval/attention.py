@@ -33,7 +33,7 @@ import torch
 from ..engine.backend import SamplingParams
 from ..errors import VispromptError
 from ..images import load_image
-from ..tasks.assistant import check_question, user_turn
+from ..models.chat import check_question, user_turn
 
 METHODS = ("mean", "rollout")
 
