@@ -325,3 +325,17 @@ def test_restricted_kinds_never_give_an_empty_record(tmp_path):
     )
     records = load_llava_records(tmp_path / "train.json")
     assert len(records) == 60 and all(r.turns for r in records)
+
+
+def test_the_command_writes_only_the_kinds_and_the_image_size_asked_for(tmp_path, capsys):
+    from visprompt.cli.main import main
+
+    args = ["data", "shapes", str(tmp_path), "--train", "6", "--test", "2", "--questions", "1", "--image-size", "64"]
+    assert main([*args, "--kinds", "color"]) == 0
+    records = json.loads((tmp_path / "train.json").read_text()) + json.loads((tmp_path / "test.json").read_text())
+    assert {k for r in records for k in r["kinds"]} == {"color"}
+    with Image.open(tmp_path / records[0]["image"]) as image:
+        assert image.size == (64, 64)
+    capsys.readouterr()
+    assert main([*args, "--kinds", "colour"]) == 2
+    assert "question kinds must be" in capsys.readouterr().err

@@ -221,6 +221,38 @@ def train(
         print(f"saved {recipe.train.output_dir}" + (f" (held-out exact match {em:.1%})" if em is not None else ""))
 
 
+@app.command()
+def explain(
+    image: str = typer.Argument(..., help="Image path (or data: URL)."),
+    prompt: str = typer.Argument(..., help="The question."),
+    model: str = ModelOpt,
+    output: Path = typer.Option(..., "--output", "-o", help="PNG to write: the image with each token's attention."),
+    token: str | None = typer.Option(None, "--token", help="Explain only this word (of the answer, else the prompt)."),
+    rollout: bool = typer.Option(
+        False, "--rollout", help="Attention rollout instead of the mean over heads and layers."
+    ),
+    balance: Path | None = typer.Option(
+        None, "--balance", help="Also plot the image/text share per layer to this PNG."
+    ),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+):
+    """Show where the model looked: the text -> image attention of each answer token, over the image."""
+    import visprompt
+
+    from ..eval.heatmap import draw_balance, draw_heatmaps
+    from ..tasks.assistant import check_question
+
+    check_question(prompt)  # before a model is loaded
+    assistant = visprompt.load(model, one_shot=True)
+    found = assistant.explain(
+        image, prompt, token=token, method="rollout" if rollout else "mean", max_new_tokens=max_new_tokens
+    )
+    draw_heatmaps(found, output)
+    if balance is not None:
+        draw_balance(found, balance)
+    print(found.answer)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m"),
@@ -348,6 +380,10 @@ def data_shapes(
         "--image-first",
         help="Put the image before the question (LLaVA's usual layout); the default puts it after.",
     ),
+    image_size: int = typer.Option(128, "--image-size", help="Side of the square images, in pixels (>= 48)."),
+    kinds: str | None = typer.Option(
+        None, "--kinds", help="Only these question kinds, comma-separated (caption,color,shape,count,...)."
+    ),
 ):
     """Draw synthetic scenes of 1-4 shapes with captions and questions (LLaVA JSON): train.json,
     test.json, and align.json (the one-object training scenes, for a first training stage)."""
@@ -361,6 +397,8 @@ def data_shapes(
         questions_per_image=questions,
         turns_per_record=turns_per_record,
         image_after_question=not image_first,
+        image_size=image_size,
+        kinds=[k.strip() for k in kinds.split(",")] if kinds else None,
     )
     print(json.dumps(summary), file=sys.stderr)
     print(output_dir)

@@ -15,7 +15,7 @@ OpenAI form `{"type": "image_url", "image_url": {"url": SRC}}`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -62,6 +62,23 @@ def normalize_conversations(conversations: Any) -> tuple[list[Conversation], boo
     if conversations and isinstance(conversations[0], dict):
         return [conversations], True
     return [list(c) for c in conversations], False
+
+
+def user_turn(images: Sequence[Any], text: str, image_after_text: bool = False) -> dict[str, Any]:
+    """A user message; the images go after the text (as "text\\n<image>") for models trained that way."""
+    parts = [{"type": "image", "image": im} for im in images]
+    if image_after_text and parts:
+        return {"role": "user", "content": [{"type": "text", "text": text + "\n"}, *parts]}
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def check_question(question: Any) -> str:
+    """A question as given, if it is text with something in it; else a one-line VispromptError."""
+    if not isinstance(question, str):
+        raise VispromptError(f"a question must be text, got {type(question).__name__}")
+    if not question.strip():
+        raise VispromptError("the question is empty: ask something about the image")
+    return question
 
 
 def iter_parts(message: Message) -> Iterable[dict[str, Any]]:

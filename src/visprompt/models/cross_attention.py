@@ -146,20 +146,37 @@ class GatedCrossAttentionBlock(nn.Module):
             [B, T, D] hidden states with the gated cross-attention and feed-forward added.
         """
         if kv is not None and visible is not None and visible.shape[-1] > 0:
-            B, T, D = x.shape
-            h = self.heads
-            k, v = kv
-            M = visible.shape[-1]
-            q = self.to_q(self.norm(x)).reshape(B, T, h, D // h).transpose(1, 2)  # [B, h, T, dh]
-            scores = q @ k.transpose(-1, -2) / math.sqrt(D // h)  # [B, h, T, M*L]
-            scores = scores + self.bias.repeat(1, M).to(scores.dtype)[None, :, None, :]
-            mask = visible.repeat_interleave(self.image_tokens, dim=-1)[:, None]  # [B, 1, T, M*L]
-            # A token with no image before it gets a finite dummy row, zeroed below (never NaN).
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, D)  # [B, T, D]
-            out = self.to_out(out).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+            _, out = self.cross_attend(x, kv, visible)
             x = x + torch.tanh(self.attn_gate) * out
         return x + torch.tanh(self.ff_gate) * self.ff(x)
+
+    def cross_attend(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text -> image attention, before its gate.
+
+        Args:
+            x: [B, T, D] hidden states entering a decoder layer.
+            kv: image keys and values from `media_kv`, each [B, h, M*L, dh].
+            visible: [B, T, M] bool, which of the M images each token may read (M >= 1).
+
+        Returns:
+            (weights [B, h, T, M*L] a_ij, each row summing to 1 over the visible images' tokens (a
+            token with no image before it gets a dummy row); output [B, T, D], zero for such tokens).
+        """
+        B, T, D = x.shape
+        h = self.heads
+        k, v = kv
+        M = visible.shape[-1]
+        q = self.to_q(self.norm(x)).reshape(B, T, h, D // h).transpose(1, 2)  # [B, h, T, dh]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // h)  # [B, h, T, M*L]
+        scores = scores + self.bias.repeat(1, M).to(scores.dtype)[None, :, None, :]
+        mask = visible.repeat_interleave(self.image_tokens, dim=-1)[:, None]  # [B, 1, T, M*L]
+        # A token with no image before it gets a finite dummy row, zeroed below (never NaN).
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(B, T, D)  # [B, T, D]
+        return weights, self.to_out(out).masked_fill(~visible.any(-1, keepdim=True), 0.0)
 
 
 class _BlockHook:

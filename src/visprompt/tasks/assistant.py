@@ -16,6 +16,7 @@ from typing import Any
 
 from ..engine.backend import Backend, GenerationResult, SamplingParams, normalize_conversations
 from ..errors import VispromptError
+from ..models.chat import check_question, user_turn
 
 DESCRIBE_PROMPTS = {
     "brief": "Describe the image.",
@@ -25,23 +26,6 @@ DESCRIBE_PROMPTS = {
 
 def _is_batch(x: Any) -> bool:
     return isinstance(x, (list, tuple))
-
-
-def user_turn(images: Sequence[Any], text: str, image_after_text: bool = False) -> dict[str, Any]:
-    """A user message; the images go after the text (as "text\\n<image>") for models trained that way."""
-    parts = [{"type": "image", "image": im} for im in images]
-    if image_after_text and parts:
-        return {"role": "user", "content": [{"type": "text", "text": text + "\n"}, *parts]}
-    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-
-
-def check_question(question: Any) -> str:
-    """A question as given, if it is text with something in it; else a one-line VispromptError."""
-    if not isinstance(question, str):
-        raise VispromptError(f"a question must be text, got {type(question).__name__}")
-    if not question.strip():
-        raise VispromptError("the question is empty: ask something about the image")
-    return question
 
 
 class Assistant:
@@ -143,3 +127,11 @@ class Assistant:
             sampling["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         after = bool(getattr(self.backend, "image_after_text", False))
         return make_lesson(self.backend, image, questions, level, self.defaults.updated(**sampling), after)
+
+    def explain(self, image: Any, question: str, token: str | None = None, method: str = "mean", **kwargs: Any):
+        """Where the model looked: the greedy answer (as `ask` gives it) and each answer token's (or
+        `token`'s) text -> image attention mapped onto the image grid; `method` "mean" or "rollout".
+        Returns a `visprompt.eval.attention.Explanation`; see `visprompt.eval.attention.explain`."""
+        from ..eval.attention import explain
+
+        return explain(self.backend, image, question, token=token, method=method, **kwargs)
