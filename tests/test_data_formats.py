@@ -253,3 +253,27 @@ def test_fail_exits_2_with_one_line_naming_the_count_and_the_first_ids(photos, c
     last = capfd.readouterr().err.strip().splitlines()[-1]
     assert "10 bad record(s)" in last and "first ids gone, notes, cut, nomark" in last
     assert sorted(p.name for p in (photos / "refused").iterdir()) == ["bad_records.json"]  # no model
+
+
+@pytest.mark.parametrize("vision_lr", [0.0, 1e-3])  # features stored once / images decoded per batch
+def test_training_reads_and_evaluates_on_shards(photos, vision_lr):
+    from visprompt.train.config import load_recipe
+    from visprompt.train.trainer import Trainer
+
+    write_all_formats(photos)
+    recipe = {
+        "model": TINY,
+        "train": {
+            "train_data": str(photos / "shards"),
+            "eval_data": str(photos / "shards" / "train-{000..001}.tar"),
+            "output_dir": str(photos / f"wds-{vision_lr}"),
+            "batch_size": 3,
+            "max_steps": 1,
+            "vision_lr": vision_lr,
+            "dtype": "float32",
+        },
+    }
+    (photos / "wds.yaml").write_text(yaml.safe_dump(recipe))
+    summary = Trainer(load_recipe(photos / "wds.yaml")).train()
+    assert summary["examples"] == 3 and summary["eval_total"] == 4  # 4 answers: record 2 has two turns
+    assert summary["data"]["train"]["records"] == 3

@@ -14,9 +14,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import ImageError, one_line
+from ..images import load_image  # here, not in the threads: imports in threads can deadlock
 from .formats import read_items
 from .llava import LlavaRecord, RecordError, image_label, parse_llava_record
 
@@ -80,34 +80,39 @@ def load_records(
     """
     raw = read_items(path, fmt, image_root)
     base = raw.base.resolve()
-    decoded: dict[Any, str | None] = {}  # image -> why it cannot be read (None: it can)
-
-    def check(indexed: tuple[int, tuple[Any, str]]) -> LlavaRecord | RecordError:
-        index, (item, source) = indexed
+    checked: list[LlavaRecord | RecordError] = []
+    sources: list[str] = []
+    for index, (item, source) in enumerate(raw.items):  # the text, as it is read (or streamed)
+        sources.append(source)
         if isinstance(item, RecordError):
-            return item
+            checked.append(item)
+            continue
         try:
-            record = parse_llava_record(item, index, base, source, check_images=check_images, strict=True)
+            checked.append(parse_llava_record(item, index, base, source, check_images, strict=True))
         except RecordError as exc:
-            return exc
-        for image in record.images if check_images else []:
-            if image not in decoded:
-                decoded[image] = _decode_problem(image)
-            if decoded[image] is not None:
-                msg = f"{source}: record {index} (id {record.id!r}): {decoded[image]}"
-                return RecordError(msg, "unreadable_image", record.id)
-        return record
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(check, enumerate(raw.items)))
-    records = [r for r in results if isinstance(r, LlavaRecord)]
-    bad = [BadRecord(r.record_id, r.kind, str(r)) for r in results if isinstance(r, RecordError)]
+            checked.append(exc)
+    if check_images:
+        _check_decoding(checked, sources)
+    records = [r for r in checked if isinstance(r, LlavaRecord)]
+    bad = [BadRecord(r.record_id, r.kind, str(r)) for r in checked if isinstance(r, RecordError)]
     return RecordSet(records, bad, raw.format, raw.files)
 
 
-def _decode_problem(image: str | bytes) -> str | None:
-    from ..images import load_image
+def _check_decoding(checked: list[LlavaRecord | RecordError], sources: list[str]) -> None:
+    """Decode every distinct image of the good records once, in threads; a record with an image
+    that does not decode is replaced, in place, by its `RecordError`."""
+    images = list(dict.fromkeys(im for r in checked if isinstance(r, LlavaRecord) for im in r.images))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = dict(zip(images, pool.map(_decode_problem, images, chunksize=64)))
+    for index, r in enumerate(checked):
+        if isinstance(r, LlavaRecord):
+            problem = next((problems[im] for im in r.images if problems[im]), None)
+            if problem:
+                message = f"{sources[index]}: record {index} (id {r.id!r}): {problem}"
+                checked[index] = RecordError(message, "unreadable_image", r.id)
 
+
+def _decode_problem(image: str | bytes) -> str | None:
     try:
         load_image(image)
     except ImageError as exc:
