@@ -277,3 +277,16 @@ def test_training_reads_and_evaluates_on_shards(photos, vision_lr):
     summary = Trainer(load_recipe(photos / "wds.yaml")).train()
     assert summary["examples"] == 3 and summary["eval_total"] == 4  # 4 answers: record 2 has two turns
     assert summary["data"]["train"]["records"] == 3
+
+
+def test_recipes_refuse_an_unknown_format_or_bad_record_policy(tmp_path):
+    from visprompt.errors import ConfigError
+    from visprompt.train.config import load_recipe
+
+    assert load_recipe(None, ["data_format=coco", "on_bad_record=fail"]).train.on_bad_record == "fail"
+    for setting, message in [
+        ("data_format=parquet", "train.data_format must be one of auto, llava, imagefolder, coco, webdataset"),
+        ("on_bad_record=warn", "train.on_bad_record must be one of skip, fail, got 'warn'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(None, [setting])
