@@ -205,16 +205,14 @@ def test_an_empty_training_file_says_it_has_no_records(tmp_path):
 
 
 @pytest.mark.parametrize("vision_lr", [0.0, 1e-3])  # features stored once / images loaded per batch
-def test_a_training_image_that_is_not_an_image_names_the_file_and_the_record(tmp_path, vision_lr):
-    from visprompt.errors import ImageError
-
+def test_a_training_image_that_is_not_an_image_is_a_bad_record_named_before_training(tmp_path, vision_lr):
     data = write_dataset(tmp_path, [image_record("good", "img/0.png"), image_record("rec-7", "img/notes.png")])
     (tmp_path / "img" / "notes.png").write_text("not a picture")
-    with pytest.raises(ImageError) as info:
-        Trainer(tiny_recipe(tmp_path, data, max_steps=1, batch_size=2, vision_lr=vision_lr)).train()
-    message = str(info.value)
-    assert message.startswith(f"training image {tmp_path / 'img' / 'notes.png'} (record id 'rec-7'): ")
-    assert "not a supported image" in message and "\n" not in message
+    summary = Trainer(tiny_recipe(tmp_path, data, max_steps=1, batch_size=1, vision_lr=vision_lr)).train()
+    assert summary["examples"] == 1  # the good one; the bad one never reaches a step
+    (bad,) = json.loads((tmp_path / "run" / "bad_records.json").read_text())["train"]["bad_records"]
+    assert bad["id"] == "rec-7" and bad["kind"] == "unreadable_image"
+    assert str(tmp_path / "img" / "notes.png") in bad["reason"] and "not a supported image" in bad["reason"]
 
 
 def test_trainer_reads_any_llava_dataset(tmp_path):

@@ -7,7 +7,8 @@ A LLaVA file is a JSON list (or JSONL, one record per line) of records like::
                        {"from": "gpt", "value": "a cat"}]}
 
 `image` may be a string, a list of strings (several images) or absent (text-only). Image paths are
-relative to the folder holding the JSON file. This module is generic: it knows nothing about any
+relative to the folder holding the JSON file (or to `base_dir`); an image may also be given as its
+encoded bytes (records read from WebDataset shards, `shards.ShardImage`). This module is generic: it knows nothing about any
 particular dataset, and keeps every unknown key of a record in `LlavaRecord.extra`.
 """
 
@@ -29,17 +30,29 @@ _GPT_ROLES = {"gpt", "assistant"}
 _SYSTEM_ROLES = {"system"}
 _CORE_KEYS = {"id", "image", "images", "conversations"}
 
+# What is wrong with a record, for RecordError.kind (counted per kind in a bad-record report).
+BAD_KINDS = ("format", "missing_image", "unreadable_image", "placeholders", "roles", "empty_answer")
+
+
+class RecordError(DatasetError):
+    """One record is unusable: `kind` (one of BAD_KINDS) says why, `record_id` names it."""
+
+    def __init__(self, message: str, kind: str, record_id: str):
+        super().__init__(message)
+        self.kind, self.record_id = kind, record_id
+
 
 @dataclass
 class LlavaRecord:
     """One conversation about zero or more images.
 
     `turns` are (human, gpt) pairs; the first human turn carries one `<image>` marker per image
-    (inserted on load when the file had none). `images` are absolute paths.
+    (inserted on load when the file had none, unless read strictly). `images` are absolute paths, or
+    an image's encoded bytes (`shards.ShardImage`, named by shard and member).
     """
 
     id: str
-    images: list[str] = field(default_factory=list)
+    images: list[str | bytes] = field(default_factory=list)
     turns: list[tuple[str, str]] = field(default_factory=list)
     system: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -54,7 +67,7 @@ def load_llava_records(path: str | os.PathLike, *, check_images: bool = True) ->
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: cannot read dataset file ({one_line(exc)})") from None
-    items = _parse_json_or_jsonl(text, path)
+    items = parse_json_or_jsonl(text, path)
     return parse_llava_records(items, base_dir=path.parent, source=str(path), check_images=check_images)
 
 
@@ -67,7 +80,7 @@ def parse_llava_records(
 ) -> list[LlavaRecord]:
     """Validate already-decoded LLaVA records; `source` names them in error messages."""
     base = Path(base_dir).resolve()
-    return [_parse_record(item, i, base, source, check_images) for i, item in enumerate(items)]
+    return [parse_llava_record(item, i, base, source, check_images) for i, item in enumerate(items)]
 
 
 def save_llava_records(records: Iterable[LlavaRecord], path: str | os.PathLike) -> None:
@@ -95,7 +108,8 @@ def json_list_text(items: Iterable[Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _parse_json_or_jsonl(text: str, path: Path) -> list[Any]:
+def parse_json_or_jsonl(text: str, path: Path) -> list[Any]:
+    """The records of a JSON list or a JSONL text (`path` names the file in errors)."""
     stripped = text.strip()
     if not stripped:
         raise DatasetError(f"{path}: dataset file is empty")
@@ -122,12 +136,30 @@ def _parse_json_or_jsonl(text: str, path: Path) -> list[Any]:
     return items
 
 
-def _parse_record(item: Any, index: int, base: Path, source: str, check_images: bool) -> LlavaRecord:
-    def fail(msg: str) -> DatasetError:
+def parse_llava_record(
+    item: Any, index: int, base: Path, source: str, check_images: bool = True, strict: bool = False
+) -> LlavaRecord:
+    """One decoded LLaVA record -> LlavaRecord, or `RecordError` (one line, with its kind and id).
+
+    Args:
+        item: the record as decoded from JSON (images as paths, or as encoded bytes).
+        index: its position in the file: its id when it has none, and its place in messages.
+        base: the folder relative image paths start from.
+        source: what error messages name as the record's origin (a file, a shard).
+        check_images: refuse image paths that name no file.
+        strict: also refuse what a lenient reader repairs or lets through: images without any
+            `<image>` marker (else inserted before the first question) and empty answers.
+
+    Returns:
+        The record, image paths made absolute.
+    """
+    rec_id = str(item["id"]) if isinstance(item, dict) and isinstance(item.get("id"), (str, int)) else str(index)
+
+    def fail(msg: str, kind: str = "format") -> RecordError:
         where = f"record {index}"
         if isinstance(item, dict) and "id" in item:
             where += f" (id {one_line(item['id'])!r})"
-        return DatasetError(f"{source}: {where}: {one_line(msg, limit=2000)}")
+        return RecordError(f"{source}: {where}: {one_line(msg, limit=2000)}", kind, rec_id)
 
     if not isinstance(item, dict):
         raise fail(f"expected a JSON object, got {type(item).__name__}")
@@ -146,11 +178,14 @@ def _parse_record(item: Any, index: int, base: Path, source: str, check_images: 
         raise fail(f"'image' must be a string or a list of strings, got {type(raw).__name__}")
     images = []
     for rel in raw_images:
+        if isinstance(rel, bytes) and rel:  # an image's encoded bytes, as read from a shard
+            images.append(rel)
+            continue
         if not isinstance(rel, str) or not rel:
-            raise fail(f"image path must be a non-empty string, got {rel!r}")
+            raise fail(f"image path must be a non-empty string, got {one_line(repr(rel), limit=80)}")
         full = Path(rel) if os.path.isabs(rel) else base / rel
         if check_images and not full.is_file():
-            raise fail(f"image file not found: {full}")
+            raise fail(f"image file not found: {full}", "missing_image")
         images.append(str(full))
 
     # --- conversations
@@ -175,33 +210,34 @@ def _parse_record(item: Any, index: int, base: Path, source: str, check_images: 
         elif role in _HUMAN_ROLES or role in _GPT_ROLES:
             messages.append(("human" if role in _HUMAN_ROLES else "gpt", value))
         else:
-            raise fail(f"conversation entry {j}: unknown role {entry['from']!r}")
+            raise fail(f"conversation entry {j}: unknown role {entry['from']!r}", "roles")
     if not messages:
-        raise fail("no human/gpt turns in 'conversations'")
+        raise fail("no human/gpt turns in 'conversations'", "roles")
     for k, (role, _) in enumerate(messages):
         expected = "human" if k % 2 == 0 else "gpt"
         if role != expected:
-            raise fail(f"turn {k} is {role!r}, expected {expected!r} (turns must alternate human/gpt)")
+            raise fail(f"turn {k} is {role!r}, expected {expected!r} (turns must alternate human/gpt)", "roles")
     if len(messages) % 2:
-        raise fail("last human turn has no gpt answer")
+        raise fail("last human turn has no gpt answer", "roles")
     turns = [(messages[k][1], messages[k + 1][1]) for k in range(0, len(messages), 2)]
 
     # --- <image> markers: exactly one per image, only in human turns
+    if strict and any(not gpt.strip() for _, gpt in turns):
+        raise fail("an empty gpt answer", "empty_answer")
     if any(IMAGE_TOKEN in gpt for _, gpt in turns):
-        raise fail(f"{IMAGE_TOKEN} marker in a gpt turn")
+        raise fail(f"{IMAGE_TOKEN} marker in a gpt turn", "placeholders")
     n_markers = sum(human.count(IMAGE_TOKEN) for human, _ in turns)
-    if images and n_markers == 0:
+    if images and n_markers == 0 and not strict:
         # LLaVA's own convention: images without markers go before the first question.
         turns[0] = ((IMAGE_TOKEN + "\n") * len(images) + turns[0][0], turns[0][1])
     elif n_markers != len(images):
-        raise fail(f"{n_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)")
+        raise fail(f"{n_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)", "placeholders")
 
-    rec_id = item.get("id", index)
-    if not isinstance(rec_id, (str, int)):
+    if "id" in item and not isinstance(item["id"], (str, int)):
         raise fail("'id' must be a string or an integer")
     extra = {k: v for k, v in item.items() if k not in _CORE_KEYS}
     return LlavaRecord(
-        id=str(rec_id),
+        id=rec_id,
         images=images,
         turns=turns,
         system="\n".join(system_parts) if system_parts else None,
@@ -259,3 +295,10 @@ def _relative_if_inside(image: str, base: Path) -> str:
         return full.relative_to(base).as_posix()
     except ValueError:
         return str(full)
+
+
+def image_label(image: str | bytes) -> str:
+    """How messages name a record's image: its path, or where its bytes came from."""
+    if isinstance(image, str):
+        return image
+    return getattr(image, "name", None) or f"<{len(image)} bytes of image>"

@@ -12,14 +12,18 @@ from typing import Any
 
 import yaml
 
+from ..data.formats import FORMATS
 from ..errors import ConfigError
 from ..models.config import VLMConfig, check_field_types, checked_value
 
 
 @dataclass
 class TrainConfig:
-    train_data: str = ""  # LLaVA JSON/JSONL
+    train_data: str = ""  # a dataset in any of DATA_FORMATS (docs/training.md, "Data formats")
     eval_data: str = ""  # held-out split for periodic evaluation ("" = none)
+    data_format: str = "auto"  # of train_data and eval_data; auto: told from each path
+    image_root: str = ""  # relative image paths start here ("" = the data file's folder)
+    on_bad_record: str = "skip"  # skip | fail (docs/training.md, "Bad records")
     output_dir: str = "runs/vlm"
     init_from: str = ""  # start from a saved model folder (e.g. stage 2 after alignment)
     resume: bool = False  # continue from the newest checkpoint in output_dir
@@ -73,11 +77,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not ok(value):  # NaN fails every rule
                 raise ConfigError(f"{section}.{name} must be {wanted}, got {value!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"{section}.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name, allowed in (("dtype", DTYPES), ("data_format", DATA_FORMATS), ("on_bad_record", ON_BAD_RECORD)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{section}.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 where the CPU has bf16 units (precision.py)
+DATA_FORMATS = FORMATS
+ON_BAD_RECORD = ("skip", "fail")
 _AT_LEAST_ONE = ("batch_size", "grad_accum", "max_length", "log_every", "eval_batch_size", "save_total_limit")
 _NOT_NEGATIVE = (
     "max_steps",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from ..data.llava import IMAGE_TOKEN, LlavaRecord, record_conversation
+from ..data.llava import IMAGE_TOKEN, LlavaRecord, image_label, record_conversation
 from ..errors import ConfigError, DatasetError, ImageError
 from ..images import AugmentPolicy, ImagePreprocessor, load_image
 from ..models.chat import encode_training_example, to_chat
@@ -129,7 +129,7 @@ class VLMDataset(Dataset):
         except ImageError as exc:
             if record_id is None:
                 record_id = self._image_records().get(path, "")
-            raise ImageError(f"training image {path} (record id {record_id!r}): {exc}") from None
+            raise ImageError(f"training image {image_label(path)} (record id {record_id!r}): {exc}") from None
 
     @torch.no_grad()
     def store_vision_features(self, vision: torch.nn.Module, batch_size: int = 64) -> int:

@@ -1,6 +1,6 @@
 """The training loop: AdamW with per-part learning rates (0 freezes a part), warmup + cosine,
 gradient accumulation and clipping, periodic evaluation, checkpoints with resume, and a JSONL log.
-Nothing here knows what the data is about: it reads any LLaVA-format dataset."""
+Nothing here knows what the data is about: it reads any dataset `data.records.load_records` reads."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.llava import IMAGE_TOKEN, load_llava_records
+from ..data.llava import IMAGE_TOKEN
+from ..data.records import RecordSet, load_records
 from ..errors import ConfigError, VispromptError
 from ..eval import evaluate
 from ..files import atomic_write_text, remove_stale_temporaries
 from ..images import ImagePreprocessor, load_image
 from ..models.vision_language_model import VisionLanguageModel
 from . import precision
+from .bad_records import report_bad_records
 from .checkpoint import (
     SHARDS_NAME,
     complete_checkpoints,
@@ -164,15 +166,17 @@ def package_version() -> str:
         return "unknown"
 
 
-def data_fingerprint(path: str, records: int) -> dict[str, Any]:
-    """Which data a model saw: the file, its record count and its SHA-256 (the images it names are
-    not hashed: a dataset is identified by its record file)."""
+def data_fingerprint(path: str, records: int, files: list[Path] | None = None) -> dict[str, Any]:
+    """Which data a model saw: the dataset, its record count and the SHA-256 of its record files
+    (`files`, in order; default: `path` itself). Images named by a file are not hashed: a dataset is
+    identified by its record file (shards hold their images, so theirs are)."""
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name in files or [Path(path)]:
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return {"path": str(path), "records": records, "sha256": digest.hexdigest()}
 
 
@@ -189,18 +193,22 @@ class Trainer:
         for name, tc in recipe.stages or [("", recipe.train)]:
             tc.validate(f"stages.{name}" if name else "train")
             if not tc.train_data:
-                raise ConfigError(f"train_data is not set{f' in stage {name!r}' if name else ''} (a LLaVA JSON file)")
+                raise ConfigError(f"train_data is not set{f' in stage {name!r}' if name else ''} (a dataset)")
+        self._record_sets: dict[tuple[str, str, str], RecordSet] = {}
+
+    def _records(self, path: str, tc) -> RecordSet:
+        """The dataset at `path`, read and checked once per run (stages may share data)."""
+        key = (path, tc.data_format, tc.image_root)
+        if key not in self._record_sets:
+            self._record_sets[key] = load_records(path, tc.data_format, tc.image_root)
+        return self._record_sets[key]
 
     # -- setup -----------------------------------------------------------------------------------
     def _build_model(self, train_records) -> VisionLanguageModel:
         if self.tc.init_from:
             return VisionLanguageModel.from_pretrained(self.tc.init_from)
         if self.recipe.stages:  # a tokenizer trained on every stage's text, not only the first's
-            texts = [
-                t
-                for _, tc in self.recipe.stages
-                for t in record_texts(load_llava_records(tc.train_data, check_images=False))
-            ]
+            texts = [t for _, tc in self.recipe.stages for t in record_texts(self._records(tc.train_data, tc).records)]
         else:
             texts = record_texts(train_records)
         return VisionLanguageModel.build(self.recipe.model, texts=texts)
@@ -245,8 +253,12 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
-        train_records = load_llava_records(tc.train_data)
-        eval_records = load_llava_records(tc.eval_data)[: tc.eval_max_records] if tc.eval_data else []
+        splits = {"train": (tc.train_data, self._records(tc.train_data, tc))}
+        if tc.eval_data:
+            splits["eval"] = (tc.eval_data, self._records(tc.eval_data, tc))
+        report_bad_records(splits, self.out, tc.on_bad_record, self.dist.main)  # before any step
+        train_records = splits["train"][1].records
+        eval_records = splits["eval"][1].records[: tc.eval_max_records] if tc.eval_data else []
 
         if self.dist.main:
             remove_stale_temporaries(self.out)  # what a killed save left behind
@@ -444,10 +456,10 @@ class Trainer:
                 "parameters": total_params,
                 "trainable_parameters": trainable,
                 "data": {
-                    split: data_fingerprint(path, n)
-                    for split, path, n in (
-                        ("train", tc.train_data, len(train_records)),
-                        ("eval", tc.eval_data, len(eval_records)),
+                    split: data_fingerprint(path, n, rs.files)
+                    for split, path, n, rs in (
+                        ("train", tc.train_data, len(train_records), splits["train"][1]),
+                        ("eval", tc.eval_data, len(eval_records), splits.get("eval", (None, None))[1]),
                     )
                     if path
                 },
