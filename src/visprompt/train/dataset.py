@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 from ..data.llava import IMAGE_TOKEN, LlavaRecord, record_conversation
 from ..errors import ConfigError, DatasetError, ImageError
 from ..images import AugmentPolicy, ImagePreprocessor, load_image
+from ..images.tiling import oriented_size
 from ..models.chat import encode_training_example, to_chat
+from ..models.image_inputs import image_layout, prepare_images
 
 IGNORE_INDEX = -100
 
@@ -63,12 +65,14 @@ class VLMDataset(Dataset):
         self.examples: list[Example] = []
         self.n_records, self.max_length = len(records), max_length
         tok, cfg = model.tokenizer, model.cfg
+        self.tiled_cfg = cfg if cfg.image_tiling == "anyres" else None  # tiled images: see prepare_images
         skipped = 0
         for rec in records:
             ids, mask = encode_training_example(tok, record_chat(rec, cfg.image_token, cfg.system_prompt))
+            counts = iter(self._image_token_counts(rec, cfg))
             full_ids, full_mask = [], []
             for t, m in zip(ids, mask):
-                n = cfg.tokens_per_image if t == cfg.image_token_id else 1
+                n = next(counts, cfg.tokens_per_image) if t == cfg.image_token_id else 1
                 full_ids.extend([t] * n)
                 full_mask.extend([m] * n)
             if len(full_ids) > max_length:
@@ -85,6 +89,18 @@ class VLMDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def _image_token_counts(self, rec: LlavaRecord, cfg) -> list[int]:
+        """Prompt tokens per image of the record (tiled images: by their size, read from the header)."""
+        if self.tiled_cfg is None:
+            return [cfg.tokens_per_image] * len(rec.images)
+        counts = []
+        for p in rec.images:
+            try:
+                counts.append(image_layout(cfg, oriented_size(p)).n_tokens)
+            except OSError as exc:  # missing, unreadable, or not an image (UnidentifiedImageError)
+                raise ImageError(f"training image {p} (record id {rec.id!r}): {exc.strerror or exc}") from None
+        return counts
 
     def require_examples(self, source: str) -> None:
         """A one-line error when no example is left: `source` has no records, or all are too long."""
@@ -107,6 +123,9 @@ class VLMDataset(Dataset):
             from ..images.preprocess import augment
 
             images = [augment(im, self.rng, policy=ex.augment) for im in images]
+        if self.tiled_cfg is not None:
+            pixels, layouts = prepare_images(images, self.tiled_cfg, self.preprocess) if images else (None, [])
+            return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels, "image_layouts": layouts}
         pixels = self.preprocess(images) if images else None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
 
@@ -177,6 +196,8 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor | None]:
         "attention_mask": mask,
         "pixel_values": torch.cat(pixels) if pixels else None,
     }
+    if any("image_layouts" in b for b in batch):  # tiled images: each one's grid, in batch order
+        out["image_layouts"] = [lay for b in batch for lay in b.get("image_layouts", [])]
     if any("vision_features" in b for b in batch):
         feats = [b["vision_features"] for b in batch if b.get("vision_features") is not None]
         out["vision_features"] = torch.cat(feats) if feats else None

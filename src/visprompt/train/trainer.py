@@ -297,7 +297,8 @@ class Trainer:
         lrs = {"vision": tc.vision_lr, "connector": tc.connector_lr, "lm": tc.lm_lr}
         counts = freeze_parts(model, lrs)
         self.lrs = lrs
-        if tc.cache_vision_features and lrs["vision"] == 0 and not tc.augment:
+        # tiled images (image_tiling anyres) are encoded per step: their views are not stored
+        if tc.cache_vision_features and lrs["vision"] == 0 and not tc.augment and cfg.image_tiling == "none":
             self._store_vision_features(dataset, model, tc)
         train_mode(model, lrs)
         sharded_ckpt = resume_from is not None and is_sharded_checkpoint(resume_from)
@@ -340,7 +341,7 @@ class Trainer:
         if d.main:
             print(
                 f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
-                f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {cfg.tokens_per_image} tokens per image; "
+                f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {_image_tokens_note(cfg)}; "
                 f"{len(dataset)} examples, {total} steps"
                 + (f" on {d.world} processes" if d.active else "")
                 + (f", resuming at step {step} from {resume_from}" if resume_from else "")
@@ -489,6 +490,7 @@ class Trainer:
                         attention_mask=batch["attention_mask"],
                         pixel_values=batch["pixel_values"],
                         vision_features=batch.get("vision_features"),
+                        image_layouts=batch.get("image_layouts"),
                         labels=batch["labels"],
                     )
                 summed = out.loss * n if n else out.logits.sum() * 0.0  # no answer tokens: adds nothing
@@ -568,6 +570,7 @@ class Trainer:
                     batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
+                    image_layouts=batch.get("image_layouts"),
                     labels=batch["labels"],
                 )
                 loss_sum += float(out.loss) * batch["input_ids"].shape[0]
@@ -604,3 +607,11 @@ class Trainer:
             "```",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _image_tokens_note(cfg) -> str:
+    from ..models.image_inputs import max_image_tokens
+
+    if cfg.image_tiling == "anyres":
+        return f"{cfg.tokens_per_image} tokens per view, up to {max_image_tokens(cfg)} per image (anyres, max_tiles={cfg.max_tiles})"
+    return f"{cfg.tokens_per_image} tokens per image"
