@@ -105,22 +105,31 @@ def write_aspect_dataset(folder) -> str:
     return str(folder / "d.json")
 
 
-@pytest.fixture(scope="module")
-def trained_folder(tmp_path_factory):
-    """A tiny anyres model trained a few steps by the trainer on images of three aspect ratios."""
+def train_tiny_anyres(tmp, steps: int, vision_lr: float) -> dict:
+    """Train a tiny anyres model with the trainer on images of three aspect ratios into tmp / "run"."""
     from visprompt.train.config import load_recipe
     from visprompt.train.trainer import Trainer
 
-    tmp = tmp_path_factory.mktemp("anyres")
     data = write_aspect_dataset(tmp)
     model = {k: v for k, v in tiny_config(image_tiling="anyres", max_tiles=4).to_dict().items() if k != "built"}
     model["image_mean"], model["image_std"] = list(model["image_mean"]), list(model["image_std"])
-    train = dict(train_data=data, output_dir=str(tmp / "run"), max_steps=3, batch_size=2, log_every=1, dtype="float32")
-    train.update(vision_lr=3e-3, connector_lr=3e-3, lm_lr=3e-3)
+    train = dict(train_data=data, output_dir=str(tmp / "run"), max_steps=steps, batch_size=2, log_every=1)
+    train.update(dtype="float32", vision_lr=vision_lr, connector_lr=3e-3, lm_lr=3e-3)
     (tmp / "recipe.json").write_text(json.dumps({"model": model, "train": train}))
-    summary = Trainer(load_recipe(str(tmp / "recipe.json"))).train()
-    assert summary["steps"] == 3
+    return Trainer(load_recipe(str(tmp / "recipe.json"))).train()
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    """A tiny anyres model trained a few steps, its encoder too (images loaded and tiled per step)."""
+    tmp = tmp_path_factory.mktemp("anyres")
+    assert train_tiny_anyres(tmp, steps=3, vision_lr=3e-3)["steps"] == 3
     return tmp / "run"
+
+
+def test_a_frozen_encoder_runs_once_over_every_view_of_the_tiled_images(tmp_path, capsys):
+    assert train_tiny_anyres(tmp_path, steps=2, vision_lr=0.0)["steps"] == 2
+    assert "frozen encoder run once over 4 images" in capsys.readouterr().err
 
 
 def test_a_tiled_model_trains_and_its_config_round_trips(trained_folder):
@@ -196,3 +205,55 @@ def test_an_untiled_model_is_unchanged_and_tiling_needs_prefix_fusion():
         tiny_config(image_tiling="anyres", fusion="cross_attention")
     with pytest.raises(ConfigError, match="image_tiling must be one of none, anyres"):
         tiny_config(image_tiling="tiles")
+
+
+def test_training_examples_count_each_images_tokens_as_it_will_be_loaded_and_store_every_view(tmp_path):
+    """The dataset expands placeholders from the image header; an EXIF-turned photo counts as turned."""
+    from visprompt.data.llava import load_llava_records
+    from visprompt.train.dataset import VLMDataset, collate
+
+    model = anyres_model()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored wide, shown turned a quarter: tall
+    Image.new("RGB", WIDE, "red").save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", WIDE, "blue").save(tmp_path / "wide.png")
+    question = {"from": "human", "value": "<image>\nWhat color is it?"}
+    records = [
+        {"id": name, "image": name, "conversations": [question, {"from": "gpt", "value": "red"}]}
+        for name in ("turned.jpg", "wide.png")
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    dataset = VLMDataset(load_llava_records(tmp_path / "d.json"), model, 256, image_preprocessor(model.cfg))
+    image_id = model.cfg.image_token_id
+    counts = [ex.input_ids.count(image_id) for ex in dataset.examples]
+    batch = collate([dataset[0], dataset[1]], model.tokenizer.pad_token_id)
+    assert [lay.grid for lay in batch["image_layouts"]] == [TileGrid(4, 1), TileGrid(1, 4)]
+    assert counts == [lay.n_tokens for lay in batch["image_layouts"]]
+    assert batch["pixel_values"].shape == (10, 3, 32, 32)
+    with torch.no_grad():  # every placeholder filled, none left over
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_layouts")})
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    # a frozen encoder's outputs, stored once per image (every view), give the same logits
+    dataset.store_vision_features(model.vision)
+    stored = collate([dataset[0], dataset[1]], model.tokenizer.pad_token_id)
+    assert stored["pixel_values"] is None and stored["image_layouts"] == batch["image_layouts"]
+    with torch.no_grad():
+        again = model(
+            stored["input_ids"],
+            attention_mask=stored["attention_mask"],
+            vision_features=stored["vision_features"],
+            image_layouts=stored["image_layouts"],
+        )
+    torch.testing.assert_close(again.logits, out.logits)
+
+
+def test_prefix_cache_keys_follow_each_images_own_length():
+    from visprompt.runtime.caches import token_keys
+
+    img = 9
+    ids = [1, img, img, img, 2, img, img, 3]
+    keys = token_keys(ids, img, ["a", "b"], [3, 2])
+    assert keys == (1, ("a", 0), ("a", 1), ("a", 2), 2, ("b", 0), ("b", 1), 3)
+    # adjacent images of different lengths are still told apart
+    assert token_keys([img] * 5, img, ["a", "b"], [2, 3])[2] == ("b", 0)
+    assert token_keys([1, img, img, img, img], img, ["a", "b"]) == (1, ("a", 0), ("a", 1), ("b", 0), ("b", 1))

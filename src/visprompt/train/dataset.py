@@ -62,6 +62,7 @@ class VLMDataset(Dataset):
         self.augment = augment
         self.rng = random.Random(seed)
         self.vision_features: dict[str, torch.Tensor] | None = None  # see store_vision_features
+        self.stored_layouts: dict[str, object] = {}  # tiled images: each stored image's ImageLayout
         self.examples: list[Example] = []
         self.n_records, self.max_length = len(records), max_length
         tok, cfg = model.tokenizer, model.cfg
@@ -115,6 +116,16 @@ class VLMDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
+        if self.vision_features is not None and self.tiled_cfg is not None:  # every view of each image
+            feats = torch.cat([self.vision_features[p] for p in ex.images]) if ex.images else None
+            layouts = [self.stored_layouts[p] for p in ex.images]
+            return {
+                "input_ids": ex.input_ids,
+                "labels": ex.labels,
+                "pixel_values": None,
+                "vision_features": feats,
+                "image_layouts": layouts,
+            }
         if self.vision_features is not None:  # a frozen encoder's stored outputs, one per image file
             feats = torch.stack([self.vision_features[p] for p in ex.images]) if ex.images else None
             return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": None, "vision_features": feats}
@@ -166,7 +177,13 @@ class VLMDataset(Dataset):
         started, shown = time.time(), time.time()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            feats = vision(self.preprocess([self._load_image(p, records[p]) for p in chunk]))  # [n, N, Dv]
+            images = [self._load_image(p, records[p]) for p in chunk]
+            if self.tiled_cfg is not None:  # each image's views: [n_views_i, N, Dv]
+                pixels, layouts = prepare_images(images, self.tiled_cfg, self.preprocess)
+                feats = vision(pixels).split([lay.n_views for lay in layouts])
+                self.stored_layouts.update(zip(chunk, layouts))
+            else:
+                feats = vision(self.preprocess(images))  # [n, N, Dv]
             store.update((p, f.clone()) for p, f in zip(chunk, feats))
             done = start + len(chunk)
             if time.time() - shown >= 10 and done < len(paths):  # a line every 10 s on a long pass

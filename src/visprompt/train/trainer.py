@@ -297,8 +297,7 @@ class Trainer:
         lrs = {"vision": tc.vision_lr, "connector": tc.connector_lr, "lm": tc.lm_lr}
         counts = freeze_parts(model, lrs)
         self.lrs = lrs
-        # tiled images (image_tiling anyres) are encoded per step: their views are not stored
-        if tc.cache_vision_features and lrs["vision"] == 0 and not tc.augment and cfg.image_tiling == "none":
+        if tc.cache_vision_features and lrs["vision"] == 0 and not tc.augment:
             self._store_vision_features(dataset, model, tc)
         train_mode(model, lrs)
         sharded_ckpt = resume_from is not None and is_sharded_checkpoint(resume_from)
@@ -539,6 +538,8 @@ class Trainer:
         with torch.no_grad():
             one = model.vision.eval()(dataset.preprocess([load_image(paths[0])]))  # [1, N, Dv]
         need = one.numel() * one.element_size() * len(paths)
+        if model.cfg.image_tiling == "anyres":  # up to 1 + max_tiles views per image
+            need *= 1 + model.cfg.max_tiles
         if need > tc.cache_vision_features_gb * 2**30:
             print(
                 f"not storing the frozen encoder's outputs: {need / 2**30:.1f} GiB for {len(paths)} images is over cache_vision_features_gb={tc.cache_vision_features_gb}",
