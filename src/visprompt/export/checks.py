@@ -23,6 +23,11 @@ def llava_unsupported_reason(model) -> str | None:
     cfg = model.cfg
     if cfg.fusion != "prefix":
         return f"{cfg.fusion} fusion: LLaVA only writes image tokens over placeholder embeddings (prefix fusion)"
+    if getattr(cfg, "image_tiling", "none") != "none":
+        return (
+            f"image_tiling {cfg.image_tiling!r}: LLaVA reads one view per image (LLaVA-NeXT's layout of tiles "
+            "and newline tokens differs from this one)"
+        )
     vision_type = model.vision.model_type
     if vision_type not in VISION_TOWERS:
         return f"vision encoder {vision_type!r}: LLaVA exports take a transformers CLIP or SigLIP tower"

@@ -26,6 +26,7 @@ CONNECTOR_INPUT_NORMS = ("layer", "batch")  # see ModalityProjector
 CONNECTOR_TYPES = ("mlp", "llava")  # see ModalityProjector
 
 FUSIONS = ("prefix", "cross_attention", "mixture")
+IMAGE_TILINGS = ("none", "anyres")  # see VLMConfig.image_tiling
 
 
 @dataclass
@@ -38,7 +39,7 @@ class BuiltConfig:
     lm_config: dict[str, Any] | None = None  # the built LM's transformers config
     image_token_id: int = -1  # the placeholder token's id in the tokenizer
     # Placeholder tokens per image in the prompt: the connector's output length for prefix/mixture,
-    # 1 for cross_attention.
+    # 1 for cross_attention. With image_tiling "anyres": per view (global view or tile).
     tokens_per_image: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +69,12 @@ class VLMConfig:
     image_mean: tuple[float, ...] = ()
     image_std: tuple[float, ...] = ()
     image_resize_mode: str = "squash"
+    # "anyres" (LLaVA-NeXT): a large image becomes a global view plus a grid of up to max_tiles tiles
+    # of image_size, the grid chosen by aspect ratio; a learned separator token ends each row of
+    # tiles, so an image takes (1 + rows * cols) * tokens_per_image + rows tokens. Prefix fusion only.
+    # "none": one view of image_size.
+    image_tiling: str = "none"
+    max_tiles: int = 4
 
     # --- connector (modality projector) ---------------------------------------------------
     # "mlp": input norm, 2-layer MLP with GELU, LayerNorm at the LM's embedding scale, learned positions.
@@ -148,6 +155,12 @@ class VLMConfig:
         for name in ("xattn_heads", "resampler_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.image_tiling not in IMAGE_TILINGS:
+            raise ConfigError(f"image_tiling must be one of {', '.join(IMAGE_TILINGS)}, got {self.image_tiling!r}")
+        if self.image_tiling == "anyres" and self.fusion != "prefix":
+            raise ConfigError(f"image_tiling 'anyres' needs fusion 'prefix', got {self.fusion!r}")
+        if self.max_tiles < 1:
+            raise ConfigError(f"max_tiles must be >= 1, got {self.max_tiles}")
         if self.connector_type not in CONNECTOR_TYPES:
             raise ConfigError(f"connector_type must be one of {CONNECTOR_TYPES}, got {self.connector_type!r}")
         if self.connector_input_norm not in CONNECTOR_INPUT_NORMS:

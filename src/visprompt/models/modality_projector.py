@@ -52,6 +52,7 @@ class ModalityProjector(nn.Module):
         num_patches: int = 0,
         input_norm: str = "layer",
         kind: str = "mlp",
+        tile_separator: bool = False,
     ):
         super().__init__()
         if kind not in CONNECTOR_TYPES:
@@ -87,6 +88,8 @@ class ModalityProjector(nn.Module):
         # the top-left region" is hard to learn (positions, reading-order captions, relations).
         n_out = num_patches // pixel_shuffle_factor**2 if num_patches and kind == "mlp" else 0
         self.position = nn.Parameter(torch.randn(n_out, lm_dim) * output_scale) if n_out else None
+        # AnyRes tiling: a learned token after each row of tiles (LLaVA-NeXT's image_newline).
+        self.tile_separator = nn.Parameter(torch.randn(lm_dim) * output_scale) if tile_separator else None
         if self.out_norm is not None:
             with torch.no_grad():
                 self.out_norm.weight.fill_(output_scale)
@@ -114,3 +117,30 @@ class ModalityProjector(nn.Module):
                 )
             tokens = tokens + self.position
         return tokens
+
+    def arrange_tiles(self, tokens: torch.Tensor, grids: list) -> list[torch.Tensor]:
+        """Per image, its views' tokens in prompt order: the global view, then each row of tiles
+        followed by the separator.
+
+        Args:
+            tokens: [n_views, N, D] connector outputs of every image's views, image after image (the
+                global view first, then the tiles row-major; see images/tiling.py).
+            grids: each image's TileGrid (rows x cols; 0 x 0: the global view only).
+
+        Returns:
+            one [n_views_i * N + rows_i, D] tensor per image.
+        """
+        out, k = [], 0
+        for grid in grids:
+            parts = [tokens[k]]
+            for r in range(grid.rows):
+                first = k + 1 + r * grid.cols
+                parts.append(tokens[first : first + grid.cols].reshape(-1, tokens.shape[-1]))
+                if self.tile_separator is None:
+                    raise ConfigError("a tiled image needs a connector built with tile_separator")
+                parts.append(self.tile_separator.to(tokens.dtype).unsqueeze(0))
+            out.append(torch.cat(parts))
+            k += grid.n_tiles
+        if k != tokens.shape[0]:
+            raise ValueError(f"the grids account for {k} views, {tokens.shape[0]} were encoded")
+        return out

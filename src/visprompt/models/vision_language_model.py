@@ -106,6 +106,7 @@ class VisionLanguageModel(nn.Module):
             num_patches=num_patches,
             input_norm=cfg.connector_input_norm,
             kind=cfg.connector_type,
+            tile_separator=cfg.image_tiling == "anyres",
         )
         n_tokens = connector.output_tokens(num_patches)
         if cfg.fusion == "cross_attention":
@@ -144,6 +145,7 @@ class VisionLanguageModel(nn.Module):
                     num_patches=cfg.vision_num_patches,
                     input_norm=cfg.connector_input_norm,
                     kind=cfg.connector_type,
+                    tile_separator=cfg.image_tiling == "anyres",
                 )
             model = cls(cfg, vision, connector, lm, tokenizer)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:  # what a config of wrong values raises
@@ -223,38 +225,56 @@ class VisionLanguageModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_layouts: list | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Images -> the embeddings the fusion reads (encoder, connector, and the resampler if any).
 
         Args:
-            pixel_values: [n_images, 3, H, W] normalised images (H = W = cfg.image_size).
+            pixel_values: [n_views, 3, H, W] normalised views (H = W = cfg.image_size): one per
+                image, or with `image_layouts` each image's views (models/image_inputs.py).
+            image_layouts: one ImageLayout per image (`prepare_images`), for tiled images.
 
         Returns:
             [n_images, image_feature_tokens, D] image embeddings; D is the LM's token-embedding width
-            (prefix, mixture) or its hidden size (cross-attention).
+            (prefix, mixture) or its hidden size (cross-attention). With `image_layouts`: a list of
+            [layout.n_tokens, D], one per image.
         """
-        return self.encode_vision_features(self.vision(pixel_values))
+        return self.encode_vision_features(self.vision(pixel_values), image_layouts)
 
-    def encode_vision_features(self, vision_features: torch.Tensor) -> torch.Tensor:
+    def encode_vision_features(
+        self, vision_features: torch.Tensor, image_layouts: list | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
         """The part of `encode_images` after the encoder (the trainer calls it on stored outputs of a
         frozen encoder).
 
         Args:
-            vision_features: [n_images, N, Dv] patch tokens from `self.vision` (N = vision_num_patches).
+            vision_features: [n_views, N, Dv] patch tokens from `self.vision` (N = vision_num_patches).
+            image_layouts: as for `encode_images`.
 
         Returns:
-            [n_images, image_feature_tokens, D] image embeddings, as `encode_images`.
+            image embeddings, as `encode_images`.
         """
         features = self.connector(vision_features)
         if isinstance(self.fusion, CrossAttentionFusion):
             features = self.fusion.encode(features)  # the resampler, when there is one
+        if image_layouts is not None:
+            return self.connector.arrange_tiles(features, [lay.grid for lay in image_layouts])
         return features
 
-    def expand_image_placeholders(self, ids: list[int]) -> list[int]:
-        """Each image placeholder id becomes tokens_per_image copies of itself (1 for cross-attention)."""
+    def expand_image_placeholders(self, ids: list[int], counts: list[int] | None = None) -> list[int]:
+        """Each image placeholder id becomes copies of itself: `counts[i]` for the i-th image (its
+        `ImageLayout.n_tokens`), or tokens_per_image each (1 for cross-attention)."""
         out: list[int] = []
+        k = 0
         for t in ids:
-            out.extend([t] * self.cfg.tokens_per_image if t == self.cfg.image_token_id else [t])
+            if t != self.cfg.image_token_id:
+                out.append(t)
+                continue
+            if counts is not None and k >= len(counts):
+                raise ValueError(f"the prompt has more image placeholders than the {len(counts)} images given")
+            out.extend([t] * (self.cfg.tokens_per_image if counts is None else counts[k]))
+            k += 1
         return out
 
     def image_slots(self, input_ids: torch.Tensor, n_image_tokens: int, strict: bool = False) -> torch.Tensor:
@@ -288,7 +308,8 @@ class VisionLanguageModel(nn.Module):
 
         Args:
             input_ids: [B, T] token ids.
-            image_embeds: [n_images, tokens_per_image, D] in prompt order, or None.
+            image_embeds: [n_images, tokens_per_image, D] in prompt order, a list of [n_tokens_i, D]
+                (tiled images), or None.
             strict: raise unless the images fill every placeholder (for a whole prompt). Otherwise a
                 placeholder id no image fills (a decode step's, one after the prompt) embeds as text.
 
@@ -296,11 +317,12 @@ class VisionLanguageModel(nn.Module):
             [B, T, D] input embeddings.
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
-        n_image_tokens = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        flat = flat_image_embeds(image_embeds)  # [n_image_tokens, D]
+        n_image_tokens = 0 if flat is None else flat.shape[0]
         slots = self.image_slots(input_ids, n_image_tokens, strict)  # [B, T]
         if not n_image_tokens:
             return embeds
-        flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)  # [n_images * N, D]
+        flat = flat.to(embeds.dtype)
         return embeds.masked_scatter(slots.unsqueeze(-1), flat)
 
     def forward(
@@ -315,6 +337,7 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         vision_features: torch.Tensor | None = None,
+        image_layouts: list | None = None,
     ) -> VLMOutput:
         """Next-token logits for a batch of prompts, with the images fused per cfg.fusion.
 
@@ -326,14 +349,18 @@ class VisionLanguageModel(nn.Module):
             input_ids: [B, T] token ids: prefix/mixture: tokens_per_image placeholders per image;
                 cross-attention: one placeholder per image. With a cache, only the new tokens.
             attention_mask: [B, T_total] 1 for real tokens, 0 for padding (T_total counts cached tokens).
-            pixel_values: [n_images, 3, H, W] normalised images, in prompt order across the batch.
-            image_embeds: [n_images, image_feature_tokens, D] already encoded images (`encode_images`).
+            pixel_values: [n_images, 3, H, W] normalised images, in prompt order across the batch
+                (with image_layouts: every image's views, [n_views, 3, H, W]).
+            image_embeds: [n_images, image_feature_tokens, D] already encoded images (`encode_images`),
+                or a list of [n_tokens_i, D] (tiled images).
             labels: [B, T] targets aligned with input_ids (-100: no loss); position t predicts t+1.
             position_ids: [B, T] positions of the new tokens (default: counting from the cache length).
             past_key_values: the cache a previous call returned (its type depends on the fusion).
             use_cache: return a cache for the next decode step.
             logits_to_keep: > 0: logits for the last k positions only.
             vision_features: [n_images, N, Dv] the vision encoder's outputs (`self.vision`).
+            image_layouts: one ImageLayout per image (models/image_inputs.py) when pixel_values or
+                vision_features hold tiled images' views.
 
         Returns:
             VLMOutput with
@@ -345,9 +372,9 @@ class VisionLanguageModel(nn.Module):
                     images, else None.
         """
         if image_embeds is None and vision_features is not None:
-            image_embeds = self.encode_vision_features(vision_features)
+            image_embeds = self.encode_vision_features(vision_features, image_layouts)
         elif image_embeds is None and pixel_values is not None:
-            image_embeds = self.encode_images(pixel_values)
+            image_embeds = self.encode_images(pixel_values, image_layouts)
         weights = None
         args = (input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep)
         if self.fusion is None:
@@ -376,6 +403,15 @@ class VisionLanguageModel(nn.Module):
             **{self._cache_arg: past_key_values},
         )
         return out.logits, (out.get(self._cache_arg) if use_cache else None)
+
+
+def flat_image_embeds(image_embeds: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
+    """[n_image_tokens, D]: every image's tokens in order, from [n_images, N, D] or a list of [N_i, D]."""
+    if image_embeds is None:
+        return None
+    if isinstance(image_embeds, torch.Tensor):
+        return image_embeds.reshape(-1, image_embeds.shape[-1])
+    return torch.cat(list(image_embeds)) if len(image_embeds) else None
 
 
 def _image_token_dim(cfg: VLMConfig, lm: nn.Module) -> int:

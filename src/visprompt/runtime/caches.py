@@ -111,22 +111,27 @@ class ImageFeatureCache(ByteLRU):
         return super().put(key, features, tensor_bytes(features))
 
 
-def token_keys(ids: Sequence[int], image_token_id: int, image_keys: Sequence[str]) -> tuple:
+def token_keys(
+    ids: Sequence[int], image_token_id: int, image_keys: Sequence[str], image_lengths: Sequence[int] | None = None
+) -> tuple:
     """Cache keys of a prompt: text tokens by id; the j-th token of image i by (image_keys[i], j).
 
     `image_keys` are the fingerprints of the prompt's images in order; each image is one run of
-    placeholder tokens (runs of equal length, as `expand_image_placeholders` writes them).
+    placeholder tokens, `image_lengths[i]` long (tiled images differ), or runs of equal length (as
+    `expand_image_placeholders` writes them without counts) when not given.
     """
     if not image_keys:
         return tuple(ids)
-    n_img = sum(1 for t in ids if t == image_token_id)
-    per = n_img // len(image_keys) if n_img else 0
+    if image_lengths is None:
+        n_img = sum(1 for t in ids if t == image_token_id)
+        image_lengths = [n_img // len(image_keys) if n_img else 0] * len(image_keys)
+    # the owner (image index, token index) of every placeholder, in order
+    owners = iter([(i, j) for i, n in enumerate(image_lengths) for j in range(n)])
     out: list[Any] = []
-    k = 0
     for t in ids:
-        if t == image_token_id and per:
-            out.append((image_keys[k // per], k % per))
-            k += 1
+        owner = next(owners, None) if t == image_token_id else None
+        if owner is not None:
+            out.append((image_keys[owner[0]], owner[1]))
         else:
             out.append(t)
     return tuple(out)

@@ -16,7 +16,8 @@ class Prompt:
 
     Fields:
         ids: token ids, image placeholders expanded (one id per image token).
-        image_embeds: [n_images, tokens_per_image, D] features for the placeholders, in order.
+        image_embeds: [n_images, tokens_per_image, D] features for the placeholders, in order, or a
+            list of [n_tokens_i, D] (tiled images take different numbers of tokens).
         image_keys: content fingerprints of the images (the prefix cache tells images apart by them;
             a prompt with images but no keys is never cached).
         inputs: model-specific inputs a decoder may need besides the ids (a processor's output).
@@ -27,7 +28,7 @@ class Prompt:
     """
 
     ids: list[int]
-    image_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | list[torch.Tensor] | None = None
     image_keys: tuple[str, ...] = ()
     inputs: dict[str, Any] | None = None
     answer_prefix: str = ""
@@ -36,6 +37,11 @@ class Prompt:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def image_lengths(self) -> list[int] | None:
+        """Placeholder tokens per image, in order (None without image embeddings)."""
+        return None if self.image_embeds is None else [len(e) for e in self.image_embeds]
 
     @property
     def cacheable(self) -> bool:

@@ -388,7 +388,7 @@ class Scheduler:
             self._running.append((req, handle))
         start = 0
         if self.prefix_cache is not None and req.prompt.cacheable:
-            req.keys = token_keys(req.prompt.ids, self.image_token_id, req.prompt.image_keys)
+            req.keys = token_keys(req.prompt.ids, self.image_token_id, req.prompt.image_keys, req.prompt.image_lengths)
             hit = self.prefix_cache.lookup(req.keys, limit=len(req.prompt.ids) - 1)  # the last token must run
             if hit is not None:
                 dec.import_kv(req.slot, hit.kv)

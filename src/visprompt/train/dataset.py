@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 from ..data.llava import IMAGE_TOKEN, LlavaRecord, image_label, record_conversation
 from ..errors import ConfigError, DatasetError, ImageError
 from ..images import AugmentPolicy, ImagePreprocessor, load_image
+from ..images.tiling import oriented_size
 from ..models.chat import encode_training_example, to_chat
+from ..models.image_inputs import image_layout, prepare_images
 
 IGNORE_INDEX = -100
 
@@ -60,15 +62,18 @@ class VLMDataset(Dataset):
         self.augment = augment
         self.rng = random.Random(seed)
         self.vision_features: dict[str, torch.Tensor] | None = None  # see store_vision_features
+        self.stored_layouts: dict[str, object] = {}  # tiled images: each stored image's ImageLayout
         self.examples: list[Example] = []
         self.n_records, self.max_length = len(records), max_length
         tok, cfg = model.tokenizer, model.cfg
+        self.tiled_cfg = cfg if cfg.image_tiling == "anyres" else None  # tiled images: see prepare_images
         skipped = 0
         for rec in records:
             ids, mask = encode_training_example(tok, record_chat(rec, cfg.image_token, cfg.system_prompt))
+            counts = iter(self._image_token_counts(rec, cfg))
             full_ids, full_mask = [], []
             for t, m in zip(ids, mask):
-                n = cfg.tokens_per_image if t == cfg.image_token_id else 1
+                n = next(counts, cfg.tokens_per_image) if t == cfg.image_token_id else 1
                 full_ids.extend([t] * n)
                 full_mask.extend([m] * n)
             if len(full_ids) > max_length:
@@ -86,6 +91,18 @@ class VLMDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def _image_token_counts(self, rec: LlavaRecord, cfg) -> list[int]:
+        """Prompt tokens per image of the record (tiled images: by their size, read from the header)."""
+        if self.tiled_cfg is None:
+            return [cfg.tokens_per_image] * len(rec.images)
+        counts = []
+        for p in rec.images:
+            try:
+                counts.append(image_layout(cfg, oriented_size(p)).n_tokens)
+            except OSError as exc:  # missing, unreadable, or not an image (UnidentifiedImageError)
+                raise ImageError(f"training image {p} (record id {rec.id!r}): {exc.strerror or exc}") from None
+        return counts
+
     def require_examples(self, source: str) -> None:
         """A one-line error when no example is left: `source` has no records, or all are too long."""
         if self.examples:
@@ -99,6 +116,16 @@ class VLMDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
+        if self.vision_features is not None and self.tiled_cfg is not None:  # every view of each image
+            feats = torch.cat([self.vision_features[p] for p in ex.images]) if ex.images else None
+            layouts = [self.stored_layouts[p] for p in ex.images]
+            return {
+                "input_ids": ex.input_ids,
+                "labels": ex.labels,
+                "pixel_values": None,
+                "vision_features": feats,
+                "image_layouts": layouts,
+            }
         if self.vision_features is not None:  # a frozen encoder's stored outputs, one per image file
             feats = torch.stack([self.vision_features[p] for p in ex.images]) if ex.images else None
             return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": None, "vision_features": feats}
@@ -107,6 +134,9 @@ class VLMDataset(Dataset):
             from ..images.preprocess import augment
 
             images = [augment(im, self.rng, policy=ex.augment) for im in images]
+        if self.tiled_cfg is not None:
+            pixels, layouts = prepare_images(images, self.tiled_cfg, self.preprocess) if images else (None, [])
+            return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels, "image_layouts": layouts}
         pixels = self.preprocess(images) if images else None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
 
@@ -147,7 +177,13 @@ class VLMDataset(Dataset):
         started, shown = time.time(), time.time()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            feats = vision(self.preprocess([self._load_image(p, records[p]) for p in chunk]))  # [n, N, Dv]
+            images = [self._load_image(p, records[p]) for p in chunk]
+            if self.tiled_cfg is not None:  # each image's views: [n_views_i, N, Dv]
+                pixels, layouts = prepare_images(images, self.tiled_cfg, self.preprocess)
+                feats = vision(pixels).split([lay.n_views for lay in layouts])
+                self.stored_layouts.update(zip(chunk, layouts))
+            else:
+                feats = vision(self.preprocess(images))  # [n, N, Dv]
             store.update((p, f.clone()) for p, f in zip(chunk, feats))
             done = start + len(chunk)
             if time.time() - shown >= 10 and done < len(paths):  # a line every 10 s on a long pass
@@ -177,6 +213,8 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor | None]:
         "attention_mask": mask,
         "pixel_values": torch.cat(pixels) if pixels else None,
     }
+    if any("image_layouts" in b for b in batch):  # tiled images: each one's grid, in batch order
+        out["image_layouts"] = [lay for b in batch for lay in b.get("image_layouts", [])]
     if any("vision_features" in b for b in batch):
         feats = [b["vision_features"] for b in batch if b.get("vision_features") is not None]
         out["vision_features"] = torch.cat(feats) if feats else None

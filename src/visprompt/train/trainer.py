@@ -352,7 +352,7 @@ class Trainer:
         if d.main:
             print(
                 f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
-                f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {cfg.tokens_per_image} tokens per image; "
+                f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}); {_image_tokens_note(cfg)}; "
                 f"{len(dataset)} examples, {total} steps"
                 + (f" on {d.world} processes" if d.active else "")
                 + (f", resuming at step {step} from {resume_from}" if resume_from else "")
@@ -501,6 +501,7 @@ class Trainer:
                         attention_mask=batch["attention_mask"],
                         pixel_values=batch["pixel_values"],
                         vision_features=batch.get("vision_features"),
+                        image_layouts=batch.get("image_layouts"),
                         labels=batch["labels"],
                     )
                 summed = out.loss * n if n else out.logits.sum() * 0.0  # no answer tokens: adds nothing
@@ -549,6 +550,8 @@ class Trainer:
         with torch.no_grad():
             one = model.vision.eval()(dataset.preprocess([load_image(paths[0])]))  # [1, N, Dv]
         need = one.numel() * one.element_size() * len(paths)
+        if model.cfg.image_tiling == "anyres":  # up to 1 + max_tiles views per image
+            need *= 1 + model.cfg.max_tiles
         if need > tc.cache_vision_features_gb * 2**30:
             print(
                 f"not storing the frozen encoder's outputs: {need / 2**30:.1f} GiB for {len(paths)} images is over cache_vision_features_gb={tc.cache_vision_features_gb}",
@@ -580,6 +583,7 @@ class Trainer:
                     batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
+                    image_layouts=batch.get("image_layouts"),
                     labels=batch["labels"],
                 )
                 loss_sum += float(out.loss) * batch["input_ids"].shape[0]
@@ -616,3 +620,11 @@ class Trainer:
             "```",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _image_tokens_note(cfg) -> str:
+    from ..models.image_inputs import max_image_tokens
+
+    if cfg.image_tiling == "anyres":
+        return f"{cfg.tokens_per_image} tokens per view, up to {max_image_tokens(cfg)} per image (anyres, max_tiles={cfg.max_tiles})"
+    return f"{cfg.tokens_per_image} tokens per image"

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ...images import ImagePreprocessor, image_fingerprint, load_image, read_image_bytes
 from ...models.chat import encode_chat, to_chat
+from ...models.image_inputs import prepare_images
 from ...models.tokenizer import stop_token_ids
 from ...models.vision_language_model import VisionLanguageModel
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
@@ -96,6 +97,11 @@ class OwnVLMBackend(ScheduledBackend):
         # sha256 of an image's encoded bytes -> its pixel fingerprint: a file, bytes or data URL seen
         # before is not decoded again when its features are still cached (a follow-up question).
         self._encoded_to_pixels: OrderedDict[str, str] = OrderedDict()
+
+    @property
+    def tiled(self) -> bool:
+        """Images are tiled (`VLMConfig.image_tiling` anyres): each takes its own number of tokens."""
+        return getattr(self.model.cfg, "image_tiling", "none") == "anyres"
 
     @property
     def image_after_text(self) -> bool:
@@ -188,13 +194,14 @@ class OwnVLMBackend(ScheduledBackend):
             self._vision_version = version
 
     def encode_images(self, images: list) -> tuple[torch.Tensor | None, list[str]]:
-        """Embeddings [n, tokens_per_image, D] of PIL images (cached by content) and their fingerprints."""
+        """Embeddings [n, tokens_per_image, D] of PIL images (cached by content) and their fingerprints;
+        tiled images (image_tiling anyres): a list of [n_tokens_i, D]."""
         self._check_vision_version()
         return self._encode_images(images)
 
     def _encode_images(
         self, images: list, keys: list[str | None] | None = None, cached: dict | None = None
-    ) -> tuple[torch.Tensor | None, list[str]]:
+    ) -> tuple[torch.Tensor | list[torch.Tensor] | None, list[str]]:
         """encode_images after the weights check. keys: fingerprints already known (None: computed
         here). cached: fingerprint -> features already taken from the cache; their images may be None."""
         if not images:
@@ -210,12 +217,18 @@ class OwnVLMBackend(ScheduledBackend):
         if todo:
             model = self.model
             with torch.inference_mode():
-                pixels = self.preprocess([images[where[0]] for where in todo.values()]).to(model.device)  # [n, 3, H, W]
-                new = model.encode_images(pixels)  # [n, N, D]
+                todo_images = [images[where[0]] for where in todo.values()]
+                if self.tiled:  # [n_views, 3, H, W] and each image's grid -> [n_tokens_i, D] each
+                    pixels, layouts = prepare_images(todo_images, model.cfg, self.preprocess)
+                    new = model.encode_images(pixels.to(model.device), layouts)
+                else:
+                    new = model.encode_images(self.preprocess(todo_images).to(model.device))  # [n, N, D]
             for j, (key, where) in enumerate(todo.items()):
                 for i in where:
                     feats[i] = new[j]
                 self.image_cache.put(key, new[j])
+        if self.tiled:  # token counts differ per image
+            return list(feats), keys  # type: ignore[arg-type]
         return torch.stack(feats), keys  # type: ignore[arg-type]
 
     def _load_unless_cached(self, src, cached: dict, decoded: dict | None = None) -> tuple[object | None, str | None]:
@@ -253,20 +266,28 @@ class OwnVLMBackend(ScheduledBackend):
         out, loaded, counts, cached, decoded = [], [], [], {}, {}
         for conv in conversations:
             chat, srcs = to_chat(conv, model.cfg.image_token, model.cfg.system_prompt)
-            out.append(model.expand_image_placeholders(encode_chat(tok, chat, add_generation_prompt=True)))
+            out.append(encode_chat(tok, chat, add_generation_prompt=True))
             loaded.extend(self._load_unless_cached(src, cached, decoded) for src in srcs)
             counts.append(len(srcs))
         embeds, keys = self._encode_images([im for im, _ in loaded], [k for _, k in loaded], cached)
         result, k = [], 0
-        for prompt, n in zip(out, counts):
-            result.append((prompt, embeds[k : k + n] if n else None, keys[k : k + n]))
+        for ids, n in zip(out, counts):
+            mine = embeds[k : k + n] if n else None
+            # each image fills as many placeholders as it has tokens (tiled images: by their grid)
+            prompt = model.expand_image_placeholders(ids, [len(e) for e in mine] if self.tiled and mine else None)
+            result.append((prompt, mine, keys[k : k + n]))
             k += n
         return result
 
-    def encode_prompts(self, conversations: list[Conversation]) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Token ids per conversation (image placeholders expanded) and all image embeddings in order."""
+    def encode_prompts(
+        self, conversations: list[Conversation]
+    ) -> tuple[list[list[int]], torch.Tensor | list[torch.Tensor] | None]:
+        """Token ids per conversation (image placeholders expanded) and all image embeddings in order
+        (tiled images: a list of [n_tokens_i, D])."""
         reqs = self.encode_requests(conversations)
         embeds = [e for _, e, _ in reqs if e is not None]
+        if self.tiled:
+            return [p for p, _, _ in reqs], ([t for e in embeds for t in e] or None)
         return [p for p, _, _ in reqs], (torch.cat(embeds) if embeds else None)
 
     def prompts(self, conversations: list[Conversation]) -> list[Prompt]:
