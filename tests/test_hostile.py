@@ -183,7 +183,7 @@ REFUSED = {
     "--set of the wrong type": (train("ok", "batch_size=many"), "train.batch_size: expected an int, got 'many'"),
     "negative steps": (train("ok", "max_steps=-1"), "train.max_steps must be >= 0, got -1"),
     "empty training list": (train("empty-data"), "the file has no records to train on"),
-    "training image not an image": (train("bad-image"), "(record id 'rec-7')"),
+    "training image not an image": (train("bad-image", "on_bad_record=fail"), "rec-7"),
 }
 CLI_ONLY = {"/dev/stdin (a pipe) as image"}  # the API's stdin is the test runner's
 
