@@ -32,7 +32,7 @@ def own_backend(key: str, **overrides) -> OwnVLMBackend:
 @pytest.mark.parametrize("key", list(FUSIONS))
 def test_each_answer_token_gets_a_map_on_the_image_grid_and_the_answer_is_asks(key):
     backend = own_backend(key)
-    found = Assistant(backend).explain(IMAGE, "What color is the circle?", max_new_tokens=5)
+    found = explain(backend, IMAGE, "What color is the circle?", max_new_tokens=5)
     assert found.answer == Assistant(backend).ask(IMAGE, "What color is the circle?", max_new_tokens=5)
     assert found.grid == (4, 4)  # 32 px, 8 px patches
     assert len(found.maps) == len(found.tokens) == len(found.image_mass) >= 1
@@ -193,7 +193,7 @@ def test_the_colour_answer_looks_at_the_triangles_cell(color_model):
     assert len(scenes) == 50
     hits = 0
     for image, cell in scenes:
-        found = assistant.explain(image, "What color is the triangle?", max_new_tokens=2)
+        found = explain(assistant.backend, image, "What color is the triangle?", max_new_tokens=2)
         assert found.grid == (3, 3)
         grid_map = found.maps[0]  # the colour: the first answer token
         hits += np.unravel_index(grid_map.argmax(), grid_map.shape) == cell

@@ -239,13 +239,19 @@ def explain(
     """Show where the model looked: the text -> image attention of each answer token, over the image."""
     import visprompt
 
+    from ..eval.attention import explain as explain_attention
     from ..eval.heatmap import draw_balance, draw_heatmaps
     from ..tasks.assistant import check_question
 
     check_question(prompt)  # before a model is loaded
     assistant = visprompt.load(model, one_shot=True)
-    found = assistant.explain(
-        image, prompt, token=token, method="rollout" if rollout else "mean", max_new_tokens=max_new_tokens
+    found = explain_attention(
+        assistant.backend,
+        image,
+        prompt,
+        token=token,
+        method="rollout" if rollout else "mean",
+        max_new_tokens=max_new_tokens,
     )
     draw_heatmaps(found, output)
     if balance is not None:

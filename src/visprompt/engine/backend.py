@@ -32,10 +32,10 @@ from ..models.chat import (
 )
 from ..runtime.prompt import Prompt
 from ..runtime.sampling import SamplingParams
-from ..runtime.sequence import DecodeSequence, GenerationResult
+from ..runtime.sequence import DecodeSequence, GenerationResult, StreamEvent
 
 if TYPE_CHECKING:
-    from ..runtime.scheduler import RequestHandle, Scheduler, StreamEvent
+    from ..runtime.scheduler import RequestHandle, Scheduler
 
 __all__ = [
     "Backend",
@@ -56,7 +56,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The scheduler (and torch with it) is imported when first asked for: a backend that answers
     # from what it already knows (the starter's facts) runs in a process that never imports torch.
-    if name in ("RequestHandle", "StreamEvent"):
+    if name == "RequestHandle":
         from ..runtime import scheduler
 
         return getattr(scheduler, name)

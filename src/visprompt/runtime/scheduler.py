@@ -40,16 +40,7 @@ from .caches import PrefixKVCache, token_keys
 from .constraint import JsonSchemaConstraint, json_constraint
 from .decoder import Decoder, Prompt
 from .sampling import SamplingParams, choose_next_tokens, make_generator
-from .sequence import DecodeSequence, GenerationResult
-
-
-@dataclass
-class StreamEvent:
-    request_id: int
-    token_id: int | None  # the token this event adds; None when it adds none (a stop token, a cancellation)
-    text: str  # newly safe text ("" when nothing new can be shown yet)
-    finished: bool = False
-    finish_reason: str | None = None
+from .sequence import DecodeSequence, GenerationResult, StreamEvent  # noqa: F401 - StreamEvent re-exported
 
 
 @dataclass

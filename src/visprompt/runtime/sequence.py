@@ -51,6 +51,17 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
 
 
+@dataclass
+class StreamEvent:
+    """One step of a reply as it streams (what a request handle yields and `on_event` receives)."""
+
+    request_id: int
+    token_id: int | None  # the token this event adds; None when it adds none (a stop token, a cancellation)
+    text: str  # newly safe text ("" when nothing new can be shown yet)
+    finished: bool = False
+    finish_reason: str | None = None
+
+
 def find_stop(text: str, stops: Iterable[str], start: int = 0) -> int:
     """Index where the earliest stop string starts in `text` (searching from `start`), or -1."""
     best = -1

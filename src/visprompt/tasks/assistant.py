@@ -127,11 +127,3 @@ class Assistant:
             sampling["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         after = bool(getattr(self.backend, "image_after_text", False))
         return make_lesson(self.backend, image, questions, level, self.defaults.updated(**sampling), after)
-
-    def explain(self, image: Any, question: str, token: str | None = None, method: str = "mean", **kwargs: Any):
-        """Where the model looked: the greedy answer (as `ask` gives it) and each answer token's (or
-        `token`'s) text -> image attention mapped onto the image grid; `method` "mean" or "rollout".
-        Returns a `visprompt.eval.attention.Explanation`; see `visprompt.eval.attention.explain`."""
-        from ..eval.attention import explain
-
-        return explain(self.backend, image, question, token=token, method=method, **kwargs)
