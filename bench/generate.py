@@ -52,7 +52,17 @@ QUESTIONS = [
 ]
 GATE_PHOTOS = ["coffee.jpg", "chelsea.jpg", "rocket.jpg", "astronaut.jpg"]
 GATE_QUESTIONS = ["What is in this picture?", "Write a short poem about it."]
-MD_START, MD_END = "<!-- bench:generate:start -->", "<!-- bench:generate:end -->"
+
+
+def md_markers() -> tuple[str, str]:
+    """The markers of this kind of CPU's table: one table per kind ("avx2", "avx512", ...) in the docs."""
+    try:
+        from visprompt.runtime.cpu import cpu_info
+
+        kind = cpu_info().isa.split(",")[0].strip() or "baseline"
+    except ImportError:
+        kind = "baseline"
+    return f"<!-- bench:generate:{kind}:start -->", f"<!-- bench:generate:{kind}:end -->"
 
 
 def conv(question: str, photo: Path = PHOTO) -> list[dict]:
@@ -604,10 +614,11 @@ def markdown(report, hf) -> str:
 
 def write_md(path: Path, table: str) -> None:
     text = path.read_text() if path.is_file() else "# Runtime\n\n"
-    block = f"{MD_START}\n{table}{MD_END}"
-    if MD_START in text and MD_END in text:
-        pre, rest = text.split(MD_START, 1)
-        post = rest.split(MD_END, 1)[1]
+    start, end = md_markers()
+    block = f"{start}\n{table}{end}"
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        post = rest.split(end, 1)[1]
         text = pre + block + post
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
