@@ -45,7 +45,6 @@ from .responses import new_request_id
 from .served_model import ServedModel
 from .streaming import until_disconnect
 from .trace import RequestTrace
-from .upload import read_upload
 
 log = logging.getLogger("visprompt.serve")
 TASK_THREADS = 4  # tasks running at once (each holds its decoded images while it generates)
@@ -385,12 +384,18 @@ class Tasks:
             self._videos += 1
         upload = None
         try:
+            try:
+                from .upload import read_upload
+            except ImportError as exc:
+                raise APIError(
+                    501, f"video uploads need python-multipart (pip install 'visprompt[serve]'): {exc}"
+                ) from None
             config = self.config
             upload = await read_upload(request, "video", config.max_video_bytes, "video", "--max-video-bytes")
+            trace.body_bytes = upload.body_bytes
+            self.metrics.read_body(trace.body_bytes)
             if upload.file is None:
                 raise bad_request("send the video in a file field 'video'", param="video", code="missing_video")
-            trace.body_bytes = upload.file.getbuffer().nbytes
-            self.metrics.read_body(trace.body_bytes)
             fields = {name: _form_value(value) for name, value in upload.fields.items()}
             max_frames = _integer(fields, "max_frames", min(8, config.max_images), 1, config.max_images)
             params = self._sampling(fields, DESCRIBE_TOKENS)

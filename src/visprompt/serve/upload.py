@@ -26,11 +26,13 @@ FORM_BYTES = 64 << 10  # what the body may hold beside the file: boundaries, par
 
 @dataclass
 class Upload:
-    """A parsed form: the file (rewound; None when the form had none) and the text fields."""
+    """A parsed form: the file (rewound; None when the form had none), the text fields, and the size
+    of the whole body."""
 
     file: io.BytesIO | None = None
     filename: str = ""
     fields: dict[str, str] = field(default_factory=dict)
+    body_bytes: int = 0
 
 
 def file_too_large(what: str, max_bytes: int, flag: str) -> APIError:
@@ -152,9 +154,9 @@ async def read_upload(request: Request, file_field: str, max_file_bytes: int, wh
         if int(declared) > max_body:
             raise file_too_large(what, max_file_bytes, flag)
     form = _Form(file_field, max_file_bytes, what, flag)
+    total = 0
     try:
         parser = MultipartParser(boundary, callbacks=form.callbacks())
-        total = 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > max_body:
@@ -168,6 +170,7 @@ async def read_upload(request: Request, file_field: str, max_file_bytes: int, wh
         ) from None
     if not form.ended:
         raise bad_request("the form data ended before its closing boundary", code="invalid_form")
+    form.upload.body_bytes = total
     if form.upload.file is not None:
         form.upload.file.seek(0)
     return form.upload
