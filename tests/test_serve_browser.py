@@ -213,7 +213,7 @@ def test_describe_and_lesson_tabs_answer_with_the_keyboard(browser, task_server,
     sync_api.expect(page.locator("#story-out .turn")).to_have_count(2, timeout=60_000)
     sync_api.expect(page.locator("#story-out .muted")).to_have_text("The end.")
 
-    page.click("#tab-describe")
+    page.click("#tab-lesson")
     page.screenshot(path=str(tmp_path / "tasks.png"))
     assert errors == []
     page.close()
