@@ -10,6 +10,7 @@ import base64
 import json
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -40,7 +41,12 @@ def live():
     """The own tiny model (a context that holds a lesson) behind a server on loopback."""
     backend = own_backend(tiny_config(lm_max_position=2048))
     config = ServeConfig(
-        model_name="own-tiny", max_video_bytes=VIDEO_CAP, max_body_bytes=1 << 20, max_tokens_limit=BUDGET, max_images=4
+        model_name="own-tiny",
+        max_video_bytes=VIDEO_CAP,
+        max_body_bytes=1 << 20,
+        max_image_pixels=10_000,  # the 64 x 48 clip fits, a 128 x 96 one does not
+        max_tokens_limit=BUDGET,
+        max_images=4,
     )
     server = serve_in_thread(backend, config)
     yield backend, server.url
@@ -186,6 +192,12 @@ def clip(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("video") / "colors.mp4")
 
 
+@pytest.fixture(scope="module")
+def large_frames(tmp_path_factory):
+    """A clip whose frames (128 x 96) are over the server's --max-image-pixels in these tests."""
+    return write_clip(tmp_path_factory.mktemp("video") / "large.mp4", size=(128, 96))
+
+
 class DiskWatch:
     """Fails any temporary file or folder made while it is on, and points tempfile at an empty folder."""
 
@@ -266,7 +278,7 @@ def test_a_video_over_the_cap_is_413_while_it_streams_and_never_touches_disk(liv
     still_serving(url)
 
 
-def test_corrupt_or_missing_videos_are_one_line_400s(live, clip, monkeypatch, tmp_path):
+def test_corrupt_large_or_missing_videos_are_one_line_400s(live, clip, large_frames, monkeypatch, tmp_path):
     _, url = live
     watch = DiskWatch(monkeypatch, tmp_path)
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
@@ -278,6 +290,8 @@ def test_corrupt_or_missing_videos_are_one_line_400s(live, clip, monkeypatch, tm
     }.items():
         error = one_line_error(upload(url, data), 400)
         assert error["code"] == "invalid_video", (name, error)
+    error = one_line_error(upload(url, large_frames.read_bytes()), 400)
+    assert error["code"] == "invalid_video" and "--max-image-pixels" in error["message"]
     assert one_line_error(upload(url, clip.read_bytes(), max_frames=0), 400)["param"] == "max_frames"
     assert one_line_error(upload(url, clip.read_bytes(), max_frames="many"), 400)["param"] == "max_frames"
     no_file = post(url, "video", files={"other": ("a.mp4", b"x", "video/mp4")})
@@ -295,7 +309,7 @@ def test_corrupt_or_missing_videos_are_one_line_400s(live, clip, monkeypatch, tm
 # ------------------------------------------------------------------------------------ access and cancel
 
 
-def test_tasks_need_the_api_key_and_a_client_that_leaves_cancels_its_task():
+def test_tasks_need_the_api_key_leave_the_server_responsive_and_stop_when_their_client_leaves():
     backend = GatedBackend()
     server = serve_in_thread(backend, ServeConfig(model_name="gated", api_key="s3cret"))
     body = {"image": data_url(png_bytes("red")), "max_tokens": 2}
@@ -313,9 +327,17 @@ def test_tasks_need_the_api_key_and_a_client_that_leaves_cancels_its_task():
         while httpx.get(server.url + "/health").json()["sequences"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert httpx.get(server.url + "/health").json()["sequences"] == 0
+        held = {}
+        waiting = threading.Thread(
+            target=lambda: held.update(answer=post(server.url, "describe", json=body, headers=auth))
+        )
+        waiting.start()  # a task in flight: the event loop still answers
+        while httpx.get(server.url + "/health").json()["sequences"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
         backend.gate.set()
-        answer = post(server.url, "describe", json=body, headers=auth)
-        assert answer.status_code == 200 and answer.json()["text"] == "hello"
+        waiting.join(30)
+        assert held["answer"].status_code == 200 and held["answer"].json()["text"] == "hello"
     finally:
         backend.gate.set()
         server.stop()
