@@ -135,3 +135,19 @@ def test_tone_and_story_run_on_the_remote_model_as_on_the_model_itself(live):
     assert far.describe(image, tone="calm") == local.describe(image, tone="calm")
     stories = [Story(a, max_new_tokens=N) for a in (local, far)]
     assert [s.turn(image) for s in stories] == [stories[0].paragraphs[0]] * 2
+
+
+def test_a_lesson_through_the_remote_model_sends_the_schema_and_validates(live):
+    """The lesson's JSON schema goes to the server as `response_format`, which constrains the reply
+    there: the lesson validates and equals the one the model itself writes."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    from visprompt.tasks.assistant import Assistant
+    from visprompt.tasks.lesson import lesson_base_schema, lesson_schema
+
+    backend, remote, _ = live
+    image = Image.new("RGB", (40, 30), "orange")
+    far = Assistant(remote).lesson(image, questions=1, level="child", max_new_tokens=1000)
+    jsonschema.validate(far, lesson_schema(1, "child", 1000))
+    jsonschema.validate(far, lesson_base_schema())
+    assert far == Assistant(backend).lesson(image, questions=1, level="child", max_new_tokens=1000)

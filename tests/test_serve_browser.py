@@ -148,3 +148,72 @@ def test_ask_stream_and_stop_with_the_keyboard(browser, server, tmp_path):
     page.screenshot(path=os.environ.get("VISPROMPT_SCREENSHOT") or str(tmp_path / "serve.png"))
     assert errors == []
     page.close()
+
+
+@pytest.fixture(scope="module")
+def task_server():
+    """The tiny random model with its stop tokens (a lesson's JSON ends where the grammar closes)."""
+    from visprompt.engine.backends.own import OwnVLMBackend
+    from visprompt.models.vision_language_model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    model = spread_weights(VisionLanguageModel.build(tiny_config(lm_max_position=2048), TEXTS)).eval()
+    running = serve_in_thread(OwnVLMBackend(model), ServeConfig(model_name="own-tiny", max_tokens_limit=600))
+    yield running
+    running.stop()
+
+
+def test_describe_and_lesson_tabs_answer_with_the_keyboard(browser, task_server, tmp_path):
+    pytest.importorskip("llguidance")
+    from visprompt.tasks.lesson import LEVELS
+    from visprompt.tasks.tone import TONES
+
+    page = browser.new_page(viewport={"width": 900, "height": 820})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(task_server.url + "/")
+    sync_api.expect(page.locator("#model")).to_contain_text("own-tiny")
+    tabs = page.locator("[role=tab]")
+    assert tabs.all_text_contents() == ["Ask", "Describe", "Story", "Lesson", "Video"]
+    tones = page.locator("#describe-tone option").evaluate_all("options => options.map(o => o.value)")
+    assert tones == ["", *TONES]  # the page offers every tone the server takes
+    levels = page.locator("#lesson-level option").evaluate_all("options => options.map(o => o.value)")
+    assert levels == list(LEVELS)
+
+    page.focus("#tab-ask")  # the arrow keys move between tabs
+    page.keyboard.press("ArrowRight")
+    sync_api.expect(page.locator("#tab-describe")).to_be_focused()
+    sync_api.expect(page.locator("#panel-describe")).to_be_visible()
+    sync_api.expect(page.locator("#panel-ask")).to_be_hidden()
+    page.set_input_files("#describe-image", [{"name": "red.png", "mimeType": "image/png", "buffer": png_bytes("red")}])
+    page.select_option("#describe-tone", "joyful")
+    page.focus("#describe-send")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#describe-status")).to_contain_text("Done", timeout=60_000)
+    assert page.locator("#describe-out .text").text_content().strip()
+    sync_api.expect(page.locator("#describe-out img")).to_have_count(1)
+
+    page.click("#tab-lesson")
+    sync_api.expect(page.locator("#panel-lesson")).to_be_visible()
+    page.set_input_files("#lesson-image", [{"name": "blue.png", "mimeType": "image/png", "buffer": png_bytes("blue")}])
+    page.fill("#lesson-questions", "2")
+    page.select_option("#lesson-level", "child")
+    page.click("#lesson-send")
+    sync_api.expect(page.locator("#lesson-status")).to_contain_text("Done", timeout=120_000)
+    sync_api.expect(page.locator("#lesson-out h2")).to_have_text("Lesson (child level)")
+    sync_api.expect(page.locator("#lesson-out .quiz > li")).to_have_count(2)
+    sync_api.expect(page.locator("#lesson-out .quiz > li").first.locator("ol li")).to_have_count(4)
+
+    page.click("#tab-story")  # a story's second turn goes on from the state the first gave back
+    page.set_input_files("#story-images", [{"name": "g.png", "mimeType": "image/png", "buffer": png_bytes("green")}])
+    page.click("#story-send")
+    sync_api.expect(page.locator("#story-out .turn")).to_have_count(1, timeout=60_000)
+    page.fill("#story-direction", "end it")
+    page.click("#story-send")
+    sync_api.expect(page.locator("#story-out .turn")).to_have_count(2, timeout=60_000)
+    sync_api.expect(page.locator("#story-out .muted")).to_have_text("The end.")
+
+    page.click("#tab-lesson")
+    page.screenshot(path=str(tmp_path / "tasks.png"))
+    assert errors == []
+    page.close()

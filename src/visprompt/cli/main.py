@@ -333,6 +333,9 @@ def serve(
     max_images: int = typer.Option(ServeConfig.max_images, "--max-images", help="Images per request, all turns."),
     max_image_bytes: int = typer.Option(ServeConfig.max_image_bytes, "--max-image-bytes", help="Largest image file."),
     max_image_pixels: int = typer.Option(ServeConfig.max_image_pixels, "--max-image-pixels", help="Pixels per image."),
+    max_video_bytes: int = typer.Option(
+        ServeConfig.max_video_bytes, "--max-video-bytes", help="Largest video upload (/v1/tasks/video)."
+    ),
     max_tokens_limit: int = typer.Option(
         ServeConfig.max_tokens_limit, "--max-tokens-limit", help="Most completion tokens per choice."
     ),
@@ -363,6 +366,7 @@ def serve(
         max_images=max_images,
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
+        max_video_bytes=max_video_bytes,
         max_tokens_limit=max_tokens_limit,
         max_queued=max_queued,
         request_timeout=request_timeout,

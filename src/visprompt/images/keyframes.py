@@ -18,14 +18,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from ..errors import VideoError
-from .video import VideoFrame, VideoInfo, probe_video, read_frames
+from .video import VideoFrame, VideoInfo, VideoSource, probe_video, read_frames
 
 THUMB = 16  # side of the grey thumbnail that near-duplicate checks compare
 FALLBACK_INTERVAL = 30.0  # seconds between uniform splits when the header gives no duration
@@ -98,7 +97,7 @@ class _SceneList:
 
 
 def find_keyframes(
-    path: str | os.PathLike,
+    path: VideoSource,
     max_frames: int = 8,
     threshold: float = 27.0,
     min_scene_s: float = 0.5,
@@ -109,7 +108,8 @@ def find_keyframes(
     """Scenes and keyframes of a video, decoded once, frame by frame (see the module's steps).
 
     Args:
-        path: a video file FFmpeg reads (mp4, mkv, webm, avi, mov, ...).
+        path: a video file FFmpeg reads (mp4, mkv, webm, avi, mov, ...), or a seekable binary file
+            object holding one (decoded from memory).
         max_frames: at most this many scenes (keyframes) come back.
         threshold: ContentDetector's cut threshold (higher: fewer cuts).
         min_scene_s: no two cuts closer than this.

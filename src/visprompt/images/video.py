@@ -1,11 +1,12 @@
 """Video frames, decoded one at a time with PyAV (FFmpeg): nothing holds more than the current frame.
 
-`read_frames(path)` yields a `VideoFrame` per decoded frame, in presentation order: its time in
+`read_frames(source)` yields a `VideoFrame` per decoded frame, in presentation order: its time in
 seconds, a small BGR copy for analysis (scene detection, duplicate checks) and the decoded frame
 itself, turned into an RGB image only when asked (`VideoFrame.image`). Memory stays flat in the
-video's length. `probe_video(path)` reads the container's header: duration, frame rate and size.
-Anything that is not a decodable video (a missing, empty or corrupt file, no video stream, a codec
-FFmpeg lacks) is a one-line `VideoError`.
+video's length. `probe_video(source)` reads the container's header: duration, frame rate and size.
+A source is a file's path or a seekable binary file object (`io.BytesIO`: the server decodes an
+upload from memory, never writing it to disk). Anything that is not a decodable video (a missing,
+empty or corrupt file, no video stream, a codec FFmpeg lacks) is a one-line `VideoError`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -21,6 +23,7 @@ from PIL import Image
 from ..errors import VideoError, one_line
 
 ANALYSIS_WIDTH = 256  # scene detection compares frames at this width (PySceneDetect's own advice)
+VideoSource = str | os.PathLike | BinaryIO  # a path, or a seekable binary file (decoded from memory)
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,33 @@ def _import_av():
     return av
 
 
+def _in_memory(source: VideoSource) -> bool:
+    return hasattr(source, "read") and hasattr(source, "seek")
+
+
+def _name(source: VideoSource) -> str:
+    """How messages call the video: its path, or "the video" for a file object."""
+    return "the video" if _in_memory(source) else os.fspath(source)
+
+
 @contextmanager
-def _open(path: str | os.PathLike) -> Iterator[tuple[object, object]]:
-    """(container, its first video stream), or a one-line VideoError."""
+def _open(source: VideoSource) -> Iterator[tuple[object, object]]:
+    """(container, its first video stream), or a one-line VideoError. A file object is read from its
+    start (each call rewinds it) and left open."""
     av = _import_av()
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise VideoError(f"no such video file: {name}")
-    if os.path.getsize(name) == 0:
+    name = _name(source)
+    if _in_memory(source):
+        size = source.seek(0, os.SEEK_END)
+        source.seek(0)
+        target = source
+    else:
+        if not os.path.isfile(name):
+            raise VideoError(f"no such video file: {name}")
+        size, target = os.path.getsize(name), name
+    if size == 0:
         raise VideoError(f"{name} is empty (0 bytes), not a video")
     try:
-        container = av.open(name, mode="r")
+        container = av.open(target, mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise VideoError(f"{name} is not a video FFmpeg can read: {one_line(exc)}") from None
     try:
@@ -96,17 +115,17 @@ def _info(container, stream) -> VideoInfo:
     return VideoInfo(duration if duration and duration > 0 else None, fps, stream.width, stream.height)
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
+def probe_video(source: VideoSource) -> VideoInfo:
     """The video's duration, frame rate and size from its header (no frame is decoded)."""
-    with _open(path) as (container, stream):
+    with _open(source) as (container, stream):
         return _info(container, stream)
 
 
-def read_frames(path: str | os.PathLike, analysis_width: int = ANALYSIS_WIDTH) -> Iterator[VideoFrame]:
+def read_frames(source: VideoSource, analysis_width: int = ANALYSIS_WIDTH) -> Iterator[VideoFrame]:
     """Decode the video's frames one by one, in order. A frame whose data is damaged ends the video
     with a VideoError unless at least one frame came before it (then the frames so far stand)."""
     av = _import_av()
-    with _open(path) as (container, stream):
+    with _open(source) as (container, stream):
         stream.thread_type = "AUTO"  # FFmpeg decodes with its own threads
         info = _info(container, stream)
         w, h = stream.width or 0, stream.height or 0
@@ -122,6 +141,6 @@ def read_frames(path: str | os.PathLike, analysis_width: int = ANALYSIS_WIDTH) -
                 index += 1
         except (av.FFmpegError, ValueError) as exc:
             if index == 0:
-                raise VideoError(f"{os.fspath(path)} cannot be decoded: {one_line(exc)}") from None
+                raise VideoError(f"{_name(source)} cannot be decoded: {one_line(exc)}") from None
         if index == 0:
-            raise VideoError(f"{os.fspath(path)} holds no video frames")
+            raise VideoError(f"{_name(source)} holds no video frames")

@@ -113,6 +113,21 @@ class JsonSchemaConstraint:
             raise RuntimeError(f"token {token} breaks the JSON schema: {one_line(self._matcher.get_error())}")
 
 
+def check_json_schema(schema: Any) -> dict[str, Any]:
+    """`schema` if llguidance can generate from it (checked without a tokenizer, in milliseconds);
+    otherwise a one-line VispromptError that says why."""
+    if not isinstance(schema, dict):
+        raise VispromptError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    llg = _llguidance()
+    try:
+        failed, messages = llg.LLMatcher.validate_grammar_with_warnings(llg.LLMatcher.grammar_from_json_schema(schema))
+    except Exception as exc:  # noqa: BLE001 - the library's own errors, made one line
+        failed, messages = True, [str(exc)]
+    if failed:
+        raise VispromptError(f"the JSON schema cannot be used for generation: {one_line('; '.join(messages))}")
+    return schema
+
+
 def json_constraint(schema: dict[str, Any] | None, tokenizer, stop_ids: Iterable[int]) -> JsonSchemaConstraint | None:
     """The constraint for a request's `json_schema` (None when it has none)."""
     return None if schema is None else JsonSchemaConstraint(schema, tokenizer, stop_ids)

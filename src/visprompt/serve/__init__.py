@@ -8,7 +8,8 @@ Modules: `config` (settings and limits; imports nothing of the web stack, so the
 defaults cheaply), `app` (routes), `chat` (one chat completion request, start to end), `protocol`
 (request checks), `content` (images read and decoded), `media` (URL fetching with its address
 checks), `body` (bodies read to a cap), `served_model` (the backend and its capacity), `completion`
-(choices in flight), `responses` (OpenAI's JSON shapes), `streaming` (server-sent events that notice
+(choices in flight), `task_api` (the task endpoints), `upload` (multipart uploads read to a cap, in
+memory), `responses` (OpenAI's JSON shapes), `streaming` (server-sent events that notice
 a disconnect), `trace` (a request's log line), `metrics` (Prometheus text), `errors` (OpenAI's error
 shape), `server` (uvicorn), `static/` (the page). The web stack comes with the `serve` extra.
 """

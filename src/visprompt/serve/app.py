@@ -1,6 +1,10 @@
 """The FastAPI app: OpenAI's chat completion API over one backend, a web page, health and metrics.
 
     POST /v1/chat/completions   chat with images, whole or streamed (chat.py)
+    POST /v1/tasks/describe     an image described, in a tone (task_api.py)
+    POST /v1/tasks/story        a story's next paragraphs from pictures; the state goes back and forth
+    POST /v1/tasks/lesson       an explanation and a quiz about an image, as schema-valid JSON
+    POST /v1/tasks/video        a video upload (multipart/form-data, in memory) summarised by scenes
     GET  /v1/models             the served model
     GET  /health                answers while the model generates (the event loop never blocks)
     GET  /metrics               Prometheus text (metrics.py)
@@ -29,6 +33,7 @@ from .errors import APIError
 from .media import MediaFetcher
 from .metrics import Metrics
 from .served_model import ServedModel
+from .task_api import Tasks
 
 STATIC = Path(__file__).parent / "static"
 PAGE_HEADERS = {
@@ -64,6 +69,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None, fetcher: Med
     model = ServedModel(backend, config.model_name or backend.name, config.max_queued, config.retry_after)
     metrics = Metrics(model.cache_stats)
     chat = ChatCompletions(model, metrics, config, fetcher)
+    tasks = Tasks(model, metrics, config, fetcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -100,6 +106,26 @@ def create_app(backend: Backend, config: ServeConfig | None = None, fetcher: Med
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         return await chat(request)
+
+    @app.post("/v1/tasks/describe")
+    async def task_describe(request: Request) -> Response:
+        authorize(request)
+        return await tasks.describe(request)
+
+    @app.post("/v1/tasks/story")
+    async def task_story(request: Request) -> Response:
+        authorize(request)
+        return await tasks.story(request)
+
+    @app.post("/v1/tasks/lesson")
+    async def task_lesson(request: Request) -> Response:
+        authorize(request)
+        return await tasks.lesson(request)
+
+    @app.post("/v1/tasks/video")
+    async def task_video(request: Request) -> Response:
+        authorize(request)
+        return await tasks.video(request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -171,6 +171,7 @@ def sampling(chat: ChatRequest, prepared: Prepared, context: int | None, limit: 
             top_k=chat.top_k,
             seed=seed,
             stop=list(chat.stop),
+            json_schema=chat.json_schema,
         )
         for seed in seeds
     ]

@@ -29,7 +29,10 @@ class ServeConfig:
         max_body_bytes: a request body larger than this is refused while it is read (413).
         max_images: images in one request, all turns together.
         max_image_bytes: encoded bytes of one image (a data: URL's payload, a fetched or local file).
-        max_image_pixels: width x height of one image, read from its header before decoding.
+        max_image_pixels: width x height of one image, read from its header before decoding (a
+            video's frames too).
+        max_video_bytes: the largest video `POST /v1/tasks/video` takes; an upload is refused (413)
+            the moment it passes this, while it streams in.
         max_tokens_limit: the most completion tokens one choice may ask for (and the default cap).
         max_n: the most choices (`n`) one request may ask for.
         max_queued: sequences that may wait for a batch slot beyond the running batch; more is a 429.
@@ -41,7 +44,8 @@ class ServeConfig:
     Memory stays bounded: at most (scheduler batch + max_queued) sequences are admitted, each request's
     body read to max_body_bytes before anything else, and at most `chat.PREPARE_THREADS` requests hold
     decoded images at once (max_images x max_image_pixels x 3 bytes each); the backends' feature
-    caches are bounded by bytes.
+    caches are bounded by bytes. Task requests (`/v1/tasks/*`) hold capacity like chat requests, and at
+    most `tasks.VIDEO_UPLOADS` videos (each up to max_video_bytes) are held in memory at once.
     """
 
     host: str = "127.0.0.1"
@@ -54,6 +58,7 @@ class ServeConfig:
     max_images: int = 8
     max_image_bytes: int = 10 << 20  # 10 MiB
     max_image_pixels: int = 16_000_000
+    max_video_bytes: int = 64 << 20  # 64 MiB
     max_tokens_limit: int = 1024
     max_n: int = 8
     max_queued: int = 64
@@ -76,6 +81,7 @@ class ServeConfig:
             "max_images",
             "max_image_bytes",
             "max_image_pixels",
+            "max_video_bytes",
             "max_tokens_limit",
             "max_n",
         ):

@@ -53,13 +53,25 @@ def build_conversation(request: ChatRequest, fetcher: MediaFetcher, max_pixels: 
                 parts.append({"type": "text", "text": part.text or ""})
                 continue
             if part.url not in decoded:
-                decoded[part.url] = _image(part.url, fetcher, max_pixels, f"messages[{i}].content[{j}]", stats)
+                decoded[part.url] = read_image(part.url, fetcher, max_pixels, f"messages[{i}].content[{j}]", stats)
             parts.append({"type": "image", "image": decoded[part.url]})
         conversation.append({"role": message.role, "content": parts if parts else ""})
     return conversation, stats
 
 
-def _image(url: str, fetcher: MediaFetcher, max_pixels: int, where: str, stats: ImageStats) -> Image.Image:
+def read_image(url: str, fetcher: MediaFetcher, max_pixels: int, where: str, stats: ImageStats) -> Image.Image:
+    """The image `url` names, read and decoded with the server's limits (blocking: a worker thread).
+
+    Args:
+        url: a data:, allowed http(s) or file: URL.
+        fetcher: reads it.
+        max_pixels: the most pixels it may have.
+        where: the request field it came from (the error's `param`).
+        stats: its sizes are added here.
+
+    Returns:
+        The RGB image. Raises `APIError` 400 naming `where` for a refused or unusable image.
+    """
     try:
         data = fetcher.read(url)
         image = load_image(data, max_pixels=max_pixels, max_bytes=fetcher.max_bytes)

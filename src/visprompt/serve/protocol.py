@@ -3,9 +3,11 @@
 What is taken (OpenAI's names): `model`, `messages` (roles system, developer, user, assistant;
 content a string or parts `text` and `image_url` with `{"url": ...}`), `max_completion_tokens` or
 `max_tokens`, `temperature`, `top_p`, `top_k` (an extension, as vLLM has it), `seed`, `stop`, `n`,
-`stream`, `stream_options.include_usage`. Fields that ask for something this server does not do
-(tools, logprobs, penalties, a JSON response format) are refused with a 400 rather than ignored;
-other unknown fields are ignored, as vLLM ignores them.
+`stream`, `stream_options.include_usage`, and `response_format`: `{"type": "json_schema",
+"json_schema": {"schema": ...}}` or `{"type": "json_object"}` constrain the reply to JSON (valid
+against the schema, or any object) token by token, as `SamplingParams.json_schema`. Fields that ask
+for something this server does not do (tools, logprobs, penalties) are refused with a 400 rather
+than ignored; other unknown fields are ignored, as vLLM ignores them.
 
 Each refusal names the field (`param`) and says what would be accepted.
 """
@@ -61,6 +63,7 @@ class ChatRequest:
         n: choices to generate.
         stream: answer as server-sent events.
         include_usage: with `stream`, a last chunk that carries `usage`.
+        json_schema: the JSON Schema every choice's reply must follow (None: free text).
     """
 
     messages: list[ChatMessage]
@@ -74,6 +77,7 @@ class ChatRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    json_schema: dict[str, Any] | None = None
 
     @property
     def image_count(self) -> int:
@@ -98,11 +102,9 @@ def parse_chat_request(body: Any, config: ServeConfig) -> ChatRequest:
     choice = body.get("tool_choice")
     if choice not in (None, "none", "auto"):
         raise bad_request("'tool_choice' is not supported by this server", param="tool_choice")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+    schema = response_schema(body.get("response_format"))
 
-    req = ChatRequest(messages=_messages(body.get("messages")))
+    req = ChatRequest(messages=_messages(body.get("messages")), json_schema=schema)
     if req.image_count > config.max_images:
         raise bad_request(
             f"the request has {req.image_count} images, over the limit of {config.max_images} (--max-images)",
@@ -133,6 +135,38 @@ def parse_chat_request(body: Any, config: ServeConfig) -> ChatRequest:
 
 
 # --------------------------------------------------------------------------------------------- fields
+
+
+def response_schema(fmt: Any) -> dict[str, Any] | None:
+    """The JSON Schema a `response_format` asks for: None for text (or no format), `{"type": "object"}`
+    for `json_object`, the given schema for `json_schema` (checked that it can drive generation)."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                param="response_format",
+            )
+    else:
+        raise bad_request(
+            "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', ...}",
+            param="response_format",
+        )
+    from ..errors import VispromptError
+    from ..runtime.constraint import check_json_schema
+
+    try:
+        return check_json_schema(schema)
+    except VispromptError as exc:
+        raise bad_request(str(exc), param="response_format", code="invalid_json_schema") from None
 
 
 def _messages(value: Any) -> list[ChatMessage]:

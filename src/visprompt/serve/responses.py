@@ -18,9 +18,9 @@ from ..engine.backend import GenerationResult
 DONE = b"data: [DONE]\n\n"
 
 
-def new_request_id() -> str:
-    """An id for a completion, its log lines and its `x-request-id` header."""
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def new_request_id(prefix: str = "chatcmpl") -> str:
+    """An id for a completion (or a task: prefix "task"), its log lines and its `x-request-id` header."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

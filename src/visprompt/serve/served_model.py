@@ -107,6 +107,12 @@ class ServedModel:
         (prompt,) = self.backend.prompts([conversation])
         return Prepared(None, prompt)
 
+    def prepare_all(self, conversations: list[Conversation]) -> list[Prepared]:
+        """`prepare` for several conversations at once (one batch through the vision encoder)."""
+        if not self.scheduled:
+            return [Prepared(c, None) for c in conversations]
+        return [Prepared(None, p) for p in self.backend.prompts(conversations)]
+
     def submit(
         self, prepared: Prepared, params: SamplingParams, on_event: Callable[[StreamEvent], None]
     ) -> RequestHandle:

@@ -16,12 +16,12 @@ The result holds the summary, the duration and the scenes (start and end in seco
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..engine.backend import Backend, SamplingParams
 from ..images.keyframes import find_keyframes
+from ..images.video import VideoSource
 from .assistant import DESCRIBE_PROMPTS, user_turn
 
 SUMMARY_PROMPT = (
@@ -68,7 +68,7 @@ class VideoSummary:
 
 def summarize_video(
     backend: Backend,
-    path: str | os.PathLike,
+    path: VideoSource,
     max_frames: int = 8,
     params: SamplingParams | None = None,
     image_after_text: bool = False,
@@ -77,7 +77,7 @@ def summarize_video(
 
     Args:
         backend: any `Backend` (the descriptions go to it as one batch).
-        path: the video file.
+        path: the video file (or a seekable binary file object holding one: decoded from memory).
         max_frames: at most this many scenes, so at most this many images reach the model.
         params: sampling for the descriptions and the summary.
         image_after_text: put the image after the request (models trained that way).

@@ -7,8 +7,10 @@ exactly the image a local backend would; http(s) image URLs go as they are, for 
 
 The decode rules the runtime applies locally hold here too, on text: stop strings are sent to the
 server and also cut here (a server may take fewer of them, or none); the reply has no leading or
-trailing whitespace; streamed pieces join to the final text. `generate` sends its conversations
-concurrently; `submit` streams in a thread and `cancel()` closes the stream.
+trailing whitespace; streamed pieces join to the final text. `SamplingParams.json_schema` goes as
+OpenAI's `response_format` (structured outputs: `visprompt serve`, vLLM and OpenAI constrain the
+reply to it). `generate` sends its conversations concurrently; `submit` streams in a thread and
+`cancel()` closes the stream.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...errors import VispromptError, one_line
+from ...runtime.sampling import openai_response_format
 from ..backend import Conversation, GenerationResult, SamplingParams, StreamEvent, iter_parts
 
 PREFIX = "openai:"
@@ -290,6 +293,8 @@ class RemoteBackend:
             kwargs["stop"] = params.stop[:MAX_SERVER_STOPS]
         if params.top_k:
             kwargs["extra_body"] = {"top_k": params.top_k}  # vLLM's and visprompt's extension
+        if params.json_schema is not None:
+            kwargs["response_format"] = openai_response_format(params.json_schema)
         if stream:
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}

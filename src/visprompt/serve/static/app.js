@@ -1,6 +1,8 @@
-// The visprompt page: images and a question in, the answer streamed out, the conversation kept in
-// this page (sent again with each question, images of earlier turns included). Text from the model
-// is only ever set as textContent, never as HTML.
+// The visprompt page. Ask: images and a question in, the answer streamed out, the conversation kept
+// in this page (sent again with each question, images of earlier turns included). Describe, Story,
+// Lesson and Video: one request each to /v1/tasks/*, the answer shown when it is whole (a story's
+// state is kept here and sent back with the next turn). Text from the model is only ever set as
+// textContent, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,11 +13,13 @@ const state = {
   controller: null, // aborts the answer being streamed
 };
 
-function headers() {
-  const h = { "Content-Type": "application/json" };
+function authHeaders() {
   const key = $("api-key").value.trim();
-  if (key) h.Authorization = `Bearer ${key}`;
-  return h;
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function headers() {
+  return { "Content-Type": "application/json", ...authHeaders() };
 }
 
 function say(text) {
@@ -34,7 +38,7 @@ async function errorText(response) {
 async function loadModel() {
   const response = await fetch("/v1/models", { headers: headers() });
   if (response.status === 401) {
-    $("model").textContent = "Model: this server needs an API key (open Settings)";
+    $("model").textContent = "Model: this server needs an API key (open API key)";
     return;
   }
   if (!response.ok) {
@@ -211,6 +215,200 @@ function stop() {
   if (state.controller) state.controller.abort();
 }
 
+// -------------------------------------------------------------------------------------------- tabs
+
+const TABS = ["ask", "describe", "story", "lesson", "video"];
+
+function showTab(name, focus = false) {
+  for (const tab of TABS) {
+    const on = tab === name;
+    const button = $(`tab-${tab}`);
+    button.setAttribute("aria-selected", String(on));
+    button.tabIndex = on ? 0 : -1;
+    $(`panel-${tab}`).hidden = !on;
+  }
+  $("new-chat").hidden = name !== "ask";
+  if (focus) $(`tab-${name}`).focus();
+}
+
+function wireTabs() {
+  for (const tab of TABS) $(`tab-${tab}`).addEventListener("click", () => showTab(tab));
+  document.querySelector(".tabs").addEventListener("keydown", (e) => {
+    const at = TABS.findIndex((tab) => $(`tab-${tab}`).getAttribute("aria-selected") === "true");
+    const moves = { ArrowRight: at + 1, ArrowLeft: at - 1, Home: 0, End: TABS.length - 1 };
+    if (!(e.key in moves)) return;
+    e.preventDefault();
+    showTab(TABS[(moves[e.key] + TABS.length) % TABS.length], true);
+  });
+}
+
+// ------------------------------------------------------------------------------------------- tasks
+
+const tasks = { controller: null, story: null };
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function picture(url, name) {
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = name;
+  return img;
+}
+
+function readDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+// POST one task (a JSON object, or FormData for an upload) and render its answer; Escape stops it.
+async function runTask(name, body, render) {
+  if (tasks.controller) return;
+  const status = $(`${name}-status`);
+  const button = $(`${name}-send`);
+  const json = !(body instanceof FormData);
+  tasks.controller = new AbortController();
+  button.disabled = true;
+  status.textContent = "Working…";
+  const started = performance.now();
+  try {
+    const response = await fetch(`/v1/tasks/${name}`, {
+      method: "POST",
+      headers: json ? headers() : authHeaders(),
+      body: json ? JSON.stringify(body) : body,
+      signal: tasks.controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorText(response));
+    render(await response.json());
+    status.textContent = `Done in ${((performance.now() - started) / 1000).toFixed(1)} s`;
+  } catch (error) {
+    status.textContent = error.name === "AbortError" ? "Stopped" : `Error: ${error.message}`;
+  } finally {
+    tasks.controller = null;
+    button.disabled = false;
+  }
+}
+
+async function describe(event) {
+  event.preventDefault();
+  const file = $("describe-image").files[0];
+  if (!file) {
+    $("describe-status").textContent = "Choose an image first";
+    return;
+  }
+  const body = { image: await readDataURL(file) };
+  const tone = $("describe-tone").value;
+  if (tone) body.tone = tone;
+  await runTask("describe", body, (answer) => {
+    $("describe-out").replaceChildren(picture(body.image, file.name), element("p", answer.text, "text"));
+  });
+}
+
+async function story(event) {
+  event.preventDefault();
+  const status = $("story-status");
+  if (tasks.story && tasks.story.ended) {
+    status.textContent = "The story has ended: start a new one";
+    return;
+  }
+  const files = [...$("story-images").files];
+  if (!files.length && !tasks.story) {
+    status.textContent = "A story begins with a picture";
+    return;
+  }
+  const body = { images: await Promise.all(files.map(readDataURL)) };
+  const direction = $("story-direction").value.trim();
+  if (direction) body.direction = direction;
+  if (tasks.story) body.state = tasks.story;
+  await runTask("story", body, (answer) => {
+    tasks.story = answer.state;
+    const out = $("story-out");
+    answer.paragraphs.forEach((paragraph, i) => {
+      const turn = element("div", undefined, "turn");
+      if (body.images[i]) turn.append(picture(body.images[i], files[i].name));
+      turn.append(element("p", paragraph, "text"));
+      out.append(turn);
+    });
+    if (answer.ended) out.append(element("p", "The end.", "muted"));
+    $("story-images").value = "";
+    $("story-direction").value = "";
+  });
+}
+
+function newStory() {
+  tasks.story = null;
+  $("story-out").replaceChildren();
+  $("story-status").textContent = "New story";
+}
+
+function renderLesson(lesson) {
+  const quiz = element("ol", undefined, "quiz");
+  for (const q of lesson.questions) {
+    const choices = document.createElement("ol");
+    choices.type = "A";
+    for (const choice of q.choices) choices.append(element("li", choice));
+    const answer = document.createElement("details");
+    answer.append(element("summary", "Answer"), element("p", `${q.answer}. ${q.why}`));
+    const item = document.createElement("li");
+    item.append(element("p", q.question, "question"), choices, answer);
+    quiz.append(item);
+  }
+  $("lesson-out").replaceChildren(
+    element("h2", `Lesson (${lesson.level} level)`),
+    element("p", lesson.explanation, "text"),
+    quiz,
+  );
+}
+
+async function lesson(event) {
+  event.preventDefault();
+  const file = $("lesson-image").files[0];
+  if (!file) {
+    $("lesson-status").textContent = "Choose an image first";
+    return;
+  }
+  const body = {
+    image: await readDataURL(file),
+    questions: Number($("lesson-questions").value) || 3,
+    level: $("lesson-level").value,
+  };
+  await runTask("lesson", body, renderLesson);
+}
+
+function timestamp(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  return `${String(Math.floor(s / 60)).padStart(2, "0")}:${String(s % 60).padStart(2, "0")}`;
+}
+
+async function video(event) {
+  event.preventDefault();
+  const file = $("video-file").files[0];
+  if (!file) {
+    $("video-status").textContent = "Choose a video first";
+    return;
+  }
+  const form = new FormData();
+  form.append("video", file, file.name);
+  form.append("max_frames", String(Number($("video-frames").value) || 4));
+  await runTask("video", form, (summary) => {
+    const scenes = element("ul", undefined, "scenes");
+    for (const scene of summary.scenes) {
+      const item = element("li");
+      item.append(element("span", timestamp(scene.start), "time"), element("span", scene.description));
+      scenes.append(item);
+    }
+    $("video-out").replaceChildren(element("p", summary.summary, "text"), scenes);
+  });
+}
+
 // ------------------------------------------------------------------------------------------ wiring
 
 function wire() {
@@ -252,7 +450,9 @@ function wire() {
     }
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape") stop();
+    if (e.key !== "Escape") return;
+    stop();
+    if (tasks.controller) tasks.controller.abort();
   });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", () => {
@@ -264,6 +464,12 @@ function wire() {
     $("question").focus();
   });
   $("api-key").addEventListener("change", loadModel);
+  $("describe-form").addEventListener("submit", describe);
+  $("story-form").addEventListener("submit", story);
+  $("story-new").addEventListener("click", newStory);
+  $("lesson-form").addEventListener("submit", lesson);
+  $("video-form").addEventListener("submit", video);
+  wireTabs();
   loadModel();
 }
 
