@@ -1,4 +1,4 @@
-"""`visprompt explain`: where the model looked, per answer token, for every fusion and HF LLaVA-style models."""
+"""`visprompt explain`: where the model looked, per answer token, for every fusion and HF VLMs."""
 
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from PIL import Image
 from visprompt.cli.main import main
 from visprompt.engine.backends.own import OwnVLMBackend
 from visprompt.errors import VispromptError
-from visprompt.eval.attention import explain
+from visprompt.eval.attention import explain, tiles_to_grid
 from visprompt.models.vision_language_model import VisionLanguageModel
 from visprompt.tasks.assistant import Assistant
 
@@ -124,6 +124,82 @@ def test_qwen2_vl_maps_its_merged_patch_grid(tmp_path):
     found = explain(backend, Image.new("RGB", (84, 56), "blue"), "What is in this image?", max_new_tokens=2)
     assert found.grid == (2, 3)  # 56 x 84 px: 4 x 6 patches of 14 px, merged 2 x 2
     assert all(m.shape == (2, 3) and 0 < m.sum() < 1 for m in found.maps)
+
+
+def spike(n: int, at: int) -> torch.Tensor:
+    vec = torch.zeros(n)
+    vec[at] = 1.0
+    return vec
+
+
+def test_a_tile_tokens_attention_lands_in_its_tile_and_a_global_tokens_spreads_over_its_cells():
+    # 2 x 2 tiles of 2 x 2 tokens, then the global image's 2 x 2: 20 tokens onto a 4 x 4 grid
+    assert tiles_to_grid(torch.arange(20.0), 2, 2, 2).shape == (4, 4)
+    bottom_left = tiles_to_grid(spike(20, 2 * 4 + 1), 2, 2, 2)  # tile (row 2, col 1), its token (0, 1)
+    expected = np.zeros((4, 4), dtype=np.float32)
+    expected[2, 1] = 1.0
+    np.testing.assert_array_equal(bottom_left.numpy(), expected)
+    # the global image's token (0, 1) covers the top right quarter: its mass spread over 2 x 2 cells
+    expected = np.zeros((4, 4), dtype=np.float32)
+    expected[0:2, 2:4] = 0.25
+    np.testing.assert_array_equal(tiles_to_grid(spike(20, 16 + 1), 2, 2, 2).numpy(), expected)
+    # a wide split (1 x 3 tiles): rows and columns keep their orientation, the total is kept
+    wide = tiles_to_grid(spike(16, 2 * 4 + 3), 1, 3, 2)  # third tile, its token (1, 1)
+    assert wide.shape == (2, 6) and wide[1, 5] == 1.0 and wide.sum() == 1.0
+    spread = tiles_to_grid(spike(16, 12 + 2), 1, 3, 2)  # global token (1, 0): the bottom left 1 x 3 cells
+    np.testing.assert_allclose(spread[1, 0:3].numpy(), [1 / 3] * 3)
+    assert spread.sum() == pytest.approx(1.0)
+    # no split: the global image alone, on its own grid
+    np.testing.assert_array_equal(tiles_to_grid(torch.arange(4.0), 0, 0, 2).numpy(), [[0, 1], [2, 3]])
+    with pytest.raises(VispromptError, match="cannot map 19 image tokens"):
+        tiles_to_grid(torch.zeros(19), 2, 2, 2)
+
+
+def test_idefics3_pixel_shuffle_keeps_the_patch_grid_row_major(tmp_path):
+    """The layout `tiles_to_grid` assumes: after transformers' pixel shuffle, token t of a tile holds
+    the scale x scale patches of block (t // side, t % side), and the processor writes a tile's tokens
+    right after its <row_r_col_c> tag, tiles row by row."""
+    import hf_tiny
+
+    from visprompt.engine.backends.hf_vlm import HFVLMBackend
+    from visprompt.models.chat import user_turn
+
+    backend = HFVLMBackend.from_pretrained(str(hf_tiny.write_idefics3(tmp_path / "m")))
+    patches = torch.arange(16.0).reshape(1, 16, 1)  # a 4 x 4 patch grid, each patch its own index
+    shuffled = backend.model.model.connector.pixel_shuffle(patches, 2)[0]  # [4 tokens, 4 patches]
+    for t, held in enumerate(shuffled.tolist()):
+        assert {(int(p) // 4 // 2, int(p) % 4 // 2) for p in held} == {divmod(t, 2)}
+    ids = backend.prompts([[user_turn([IMAGE], "What is in this image?")]])[0].ids
+    image_pos = [i for i, t in enumerate(ids) if t == backend.image_token_id]
+    tag = backend.tokenizer.convert_tokens_to_ids("<row_2_col_1>")
+    first = image_pos.index(ids.index(tag) + 1)  # the bottom left tile's first token
+    assert first == 2 * 4 and len(image_pos) == 5 * 4
+    assert tiles_to_grid(spike(20, first), 2, 2, 2)[2:4, 0:2].sum() == 1.0
+
+
+@pytest.mark.parametrize("writer", ["write_idefics3", "write_smolvlm"])
+def test_idefics3_and_smolvlm_split_images_map_onto_the_full_image_grid_and_draw(writer, tmp_path):
+    import hf_tiny
+
+    from visprompt.engine.backends.hf_vlm import HFVLMBackend
+    from visprompt.eval.heatmap import draw_heatmaps
+
+    backend = HFVLMBackend.from_pretrained(str(getattr(hf_tiny, writer)(tmp_path / "m")))
+    found = explain(backend, IMAGE, "What is in this image?", max_new_tokens=3)
+    assert found.answer == Assistant(backend).ask(IMAGE, "What is in this image?", max_new_tokens=3)
+    # 40 x 30 px -> 64 x 64 -> 2 x 2 tiles of 32 px, 2 x 2 tokens each (+ the global image's 2 x 2)
+    assert found.grid == (4, 4) and found.image.size == (40, 30)
+    for grid_map, mass in zip(found.maps, found.image_mass):
+        assert grid_map.shape == (4, 4) and (grid_map >= 0).all() and 0 < mass < 1
+        assert grid_map.sum() == pytest.approx(mass, abs=1e-5)  # the global image's mass is spread, not lost
+    wide = explain(backend, Image.new("RGB", (64, 32), "blue"), "What is in this image?", max_new_tokens=2)
+    assert wide.grid == (2, 4)  # 1 x 2 tiles
+    backend.processor.image_processor.do_image_splitting = False  # (another image: features are cached by image)
+    whole = explain(backend, Image.new("RGB", (40, 30), "green"), "What is in this image?", max_new_tokens=2)
+    assert whole.grid == (2, 2) and all(m.shape == (2, 2) for m in whole.maps)  # the global image alone
+    draw_heatmaps(found, tmp_path / "heat.png")
+    with Image.open(tmp_path / "heat.png") as png:
+        assert png.format == "PNG" and png.width > 200
 
 
 def test_a_word_after_the_cross_attention_placeholder_reads_the_image():

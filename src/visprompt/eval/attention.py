@@ -11,8 +11,13 @@ layer's attention weights. An answer token is explained by the row of the positi
 Aggregation: the mean over heads and layers of the attention weights (default), or attention rollout
 (Abnar & Zuidema, 2020: per layer the head mean plus the residual, 0.5 A + 0.5 I, rows renormalised,
 multiplied through the layers). Prefix fusion (and mixture fusion, which with one image is prefix
-fusion) and HF LLaVA-style models read image tokens through self-attention; gated cross-attention
-fusion reads them in its own blocks, whose weights are used instead (rollout does not apply there).
+fusion) and HF VLMs read image tokens through self-attention; gated cross-attention fusion reads
+them in its own blocks, whose weights are used instead (rollout does not apply there).
+
+Idefics3/SmolVLM split an image into rows x cols tiles plus a global image (the whole image at tile
+size), each side x side tokens after the pixel shuffle; their map is the full image's
+[rows * side, cols * side] grid: each tile's tokens in its block, plus each global token's mass
+spread evenly over the rows x cols cells it covers (see `tiles_to_grid`).
 
 Per layer, the modality balance is the share of the explained rows' attention mass on image tokens
 (the rest is on text). Under cross-attention fusion image and text never share a softmax; there it is
@@ -23,7 +28,9 @@ the share of the gated cross-attention output in the norm of the layer's two att
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,9 +81,10 @@ class _Pass:
     cross: per layer [heads, T, N] weights on the image tokens, or None for a layer without a block.
     cross_share: per layer [T] image share of the attention outputs (cross-attention fusion), else None.
     image_pos: [N] positions of the image tokens in the sequence, in grid order (prefix, HF).
-    grid: (H_grid, W_grid) with H_grid * W_grid == N.
+    grid: (H_grid, W_grid) with H_grid * W_grid == N, unless to_grid places the tokens.
     ids: the sequence's token ids; prompt_len: how many of them are the prompt.
     first_image: the first position that can read the image (its first token, or its placeholder).
+    to_grid: [N] per image token -> [H_grid, W_grid], keeping the total; None: a reshape in order.
     """
 
     self_attn: list[torch.Tensor] | None
@@ -87,6 +95,7 @@ class _Pass:
     ids: list[int]
     prompt_len: int
     first_image: int
+    to_grid: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def explain(
@@ -102,7 +111,8 @@ def explain(
 
     Args:
         backend: an OwnVLMBackend (prefix, cross-attention or one-image mixture fusion) or an
-            HFVLMBackend whose image tokens form a grid (LLaVA, LLaVA-NeXT, Qwen2-VL).
+            HFVLMBackend whose image tokens map onto the image (LLaVA, LLaVA-NeXT, Qwen2-VL,
+            Idefics3/SmolVLM).
         image: a path, bytes, data: URL or PIL image.
         prompt: the question.
         token: explain only this word: the first answer token that reads as it, else the first
@@ -133,7 +143,8 @@ def explain(
     maps, masses = [], []
     for q in queries:
         vec = _rollout_row(run, q) if method == "rollout" else _mean_row(run, q)
-        maps.append(vec.reshape(run.grid).numpy().astype(np.float32))
+        grid_map = run.to_grid(vec) if run.to_grid is not None else vec.reshape(run.grid)
+        maps.append(grid_map.cpu().numpy().astype(np.float32))
         masses.append(float(vec.sum()))
     return Explanation(
         image=_seen_image(backend, picture),
@@ -334,7 +345,11 @@ def _hf_pass(backend, conv, answer_ids: list[int]) -> _Pass:
             fill = extra if key == "input_ids" else torch.full_like(extra, int(key == "attention_mask"))
             inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
     image_pos = (inputs["input_ids"][0] == backend.image_token_id).nonzero()[:, 0]
-    grid, keep = _hf_grid(model, inputs, len(image_pos))
+    to_grid = None
+    if getattr(model.config, "model_type", "") in _SPLIT_IMAGE_TYPES:
+        grid, keep, to_grid = _split_image_grid(backend, conv, len(image_pos))
+    else:
+        grid, keep = _hf_grid(model, inputs, len(image_pos))
     with torch.no_grad(), eager_attention(model):
         out = model(**inputs, output_attentions=True, use_cache=False)
     attentions = getattr(out, "attentions", None)
@@ -342,7 +357,8 @@ def _hf_pass(backend, conv, answer_ids: list[int]) -> _Pass:
         raise VispromptError(f"'{backend.name}' returned no attention weights (output_attentions=True)")
     ids = inputs["input_ids"][0].tolist()
     attentions = [a[0].float() for a in attentions]
-    return _Pass(attentions, None, None, image_pos[keep], grid, ids, len(prompt.ids), int(image_pos[0]))
+    first = int(image_pos[0])
+    return _Pass(attentions, None, None, image_pos[keep], grid, ids, len(prompt.ids), first, to_grid)
 
 
 def _hf_grid(model, inputs: dict, n: int) -> tuple[tuple[int, int], torch.Tensor]:
@@ -364,7 +380,7 @@ def _hf_grid(model, inputs: dict, n: int) -> tuple[tuple[int, int], torch.Tensor
         return (side, side), torch.arange(1, n)
     raise VispromptError(
         f"cannot map attention of this {model_type or 'model'} onto the image: its {n} image tokens are not "
-        "one square grid (explain maps LLaVA, LLaVA-NeXT and Qwen2-VL image tokens)"
+        "one square grid (explain maps LLaVA, LLaVA-NeXT, Qwen2-VL and Idefics3/SmolVLM image tokens)"
     )
 
 
@@ -384,9 +400,68 @@ def _anyres_grid(model, inputs: dict, n: int) -> tuple[tuple[int, int], torch.Te
     return (rows, cols), keep
 
 
+# Idefics3 and SmolVLM (SmolVLM2): image splitting into tiles + a global image
+_SPLIT_IMAGE_TYPES = ("idefics3", "smolvlm")
+
+
+def tiles_to_grid(vec: torch.Tensor, rows: int, cols: int, side: int) -> torch.Tensor:
+    """Idefics3/SmolVLM image tokens -> the full image's [rows * side, cols * side] grid.
+
+    The processor's layout (`<row_r_col_c>` before each tile, `<global-img>` before the global
+    image): rows x cols tiles in row-major order, each side x side tokens (the pixel shuffle keeps the
+    patch grid's row-major order, side = tile / patch / scale_factor), then the global image's
+    side x side tokens. Each tile's tokens fill its block of the grid; each global token covers
+    rows x cols cells of it, and its mass is spread evenly over them. The map is the sum of the two,
+    so it keeps the tokens' total mass. rows = cols = 0 (no split: the global image only): the
+    global image's own side x side grid.
+
+    Args:
+        vec: [N] one value per image token, in the sequence's order.
+        rows, cols: the processor's split (0, 0 when the image is not split).
+        side: tokens per tile side.
+
+    Returns:
+        [H_grid, W_grid] float tensor.
+    """
+    per = side * side
+    tiles = rows * cols
+    if vec.numel() != (tiles + 1) * per:
+        raise VispromptError(
+            f"cannot map {vec.numel()} image tokens onto {rows} x {cols} tiles and a global image "
+            f"of {side} x {side} tokens each"
+        )
+    overview = vec[tiles * per :].reshape(side, side)
+    if tiles == 0:
+        return overview
+    mosaic = vec[: tiles * per].reshape(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+    return mosaic + overview.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1) / tiles
+
+
+def _split_image_grid(backend, conv, n: int):
+    """Idefics3/SmolVLM: the grid, the kept tokens (all) and their placement, from the image
+    processor's split of the conversation's image (rows x cols tiles, or none)."""
+    from ..engine.backends.hf_vlm import to_hf_messages
+
+    sources = to_hf_messages(conv)[1]
+    image_processor = getattr(backend.processor, "image_processor", None)
+    if len(sources) != 1 or image_processor is None:
+        raise VispromptError("cannot map attention onto the image: explain needs one image and its image processor")
+    info = image_processor(images=[[load_image(sources[0])]], return_row_col_info=True)
+    rows, cols = int(info["rows"][0][0]), int(info["cols"][0][0])
+    frames = rows * cols + 1
+    side = math.isqrt(n // frames)
+    if side * side * frames != n:
+        raise VispromptError(
+            f"cannot map {n} image tokens onto {rows} x {cols} tiles and a global image of equal square token grids"
+        )
+    grid = (rows * side, cols * side) if frames > 1 else (side, side)
+    return grid, torch.arange(n), functools.partial(tiles_to_grid, rows=rows, cols=cols, side=side)
+
+
 def _seen_image(backend, picture):
     """The part of the image the map covers: a visprompt model's own resize; for an HF VLM the centre
-    square when its processor crops one (LLaVA), else the whole image (LLaVA-NeXT's tiles, Qwen2-VL)."""
+    square when its processor crops one (LLaVA), else the whole image (LLaVA-NeXT's and Idefics3's
+    tiles, Qwen2-VL)."""
     pre = getattr(backend, "preprocess", None)
     if pre is not None and hasattr(pre, "resize"):
         return pre.resize(picture)
