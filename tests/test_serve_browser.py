@@ -154,11 +154,14 @@ def test_ask_stream_and_stop_with_the_keyboard(browser, server, tmp_path):
 def task_server():
     """The tiny random model with its stop tokens (a lesson's JSON ends where the grammar closes)."""
     from visprompt.engine.backends.own import OwnVLMBackend
+    from visprompt.eval.heatmap import explanation_json
     from visprompt.models.vision_language_model import VisionLanguageModel
 
     torch.manual_seed(0)
     model = spread_weights(VisionLanguageModel.build(tiny_config(lm_max_position=2048), TEXTS)).eval()
-    running = serve_in_thread(OwnVLMBackend(model), ServeConfig(model_name="own-tiny", max_tokens_limit=600))
+    running = serve_in_thread(
+        OwnVLMBackend(model), ServeConfig(model_name="own-tiny", max_tokens_limit=600), explainer=explanation_json
+    )
     yield running
     running.stop()
 
@@ -174,7 +177,7 @@ def test_describe_and_lesson_tabs_answer_with_the_keyboard(browser, task_server,
     page.goto(task_server.url + "/")
     sync_api.expect(page.locator("#model")).to_contain_text("own-tiny")
     tabs = page.locator("[role=tab]")
-    assert tabs.all_text_contents() == ["Ask", "Describe", "Story", "Lesson", "Video"]
+    assert tabs.all_text_contents() == ["Ask", "Describe", "Story", "Lesson", "Video", "Explain"]
     tones = page.locator("#describe-tone option").evaluate_all("options => options.map(o => o.value)")
     assert tones == ["", *TONES]  # the page offers every tone the server takes
     levels = page.locator("#lesson-level option").evaluate_all("options => options.map(o => o.value)")
@@ -212,6 +215,14 @@ def test_describe_and_lesson_tabs_answer_with_the_keyboard(browser, task_server,
     page.click("#story-send")
     sync_api.expect(page.locator("#story-out .turn")).to_have_count(2, timeout=60_000)
     sync_api.expect(page.locator("#story-out .muted")).to_have_text("The end.")
+
+    page.click("#tab-explain")  # the heatmap of an answer, on request
+    page.set_input_files("#explain-image", [{"name": "r.png", "mimeType": "image/png", "buffer": png_bytes("red")}])
+    page.fill("#explain-prompt", "What color is it?")
+    page.click("#explain-send")
+    sync_api.expect(page.locator("#explain-status")).to_contain_text("Done", timeout=60_000)
+    sync_api.expect(page.locator("#explain-out img.plot")).to_have_count(2)
+    assert page.locator("#explain-out img.plot").first.evaluate("img => img.complete && img.naturalWidth > 100")
 
     page.click("#tab-lesson")
     page.screenshot(path=str(tmp_path / "tasks.png"))

@@ -1,12 +1,13 @@
 """`POST /v1/tasks/*` on `visprompt serve` with a random tiny model: each task answers what the task
 itself gives on the same model (the video as `visprompt video --json` prints it), a lesson validates
 against the packaged schema, a story's state goes back and forth; a video upload stays in memory, is
-refused (413) the moment it passes its cap and never becomes a file; hostile input is a one-line 4xx.
-And `response_format` (json_schema, json_object) constrains chat completions to JSON."""
+refused (413) the moment it passes its cap and never becomes a file; hostile input is a one-line 4xx;
+an explanation is the eval explainer's, drawn as PNGs. And `response_format` (json_schema, json_object) constrains chat completions to JSON."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import tempfile
@@ -388,3 +389,35 @@ def test_response_format_constrains_chat_completions_to_json(live):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="own-tiny", messages=messages, max_tokens=4, response_format=bad)
         assert err.value.body["param"] == "response_format"
+
+
+# -------------------------------------------------------------------------------------------- explain
+
+
+def test_explain_draws_the_answers_attention_as_the_eval_explainer_does(live):
+    pytest.importorskip("matplotlib")
+    from visprompt.eval.attention import explain
+    from visprompt.eval.heatmap import explanation_json
+
+    backend, url = live
+    one_line_error(post(url, "explain", json={"image": data_url(png_bytes("red")), "prompt": "What?"}), 404)
+    server = serve_in_thread(backend, ServeConfig(model_name="own-tiny"), explainer=explanation_json)
+    try:
+        image = data_url(png_bytes("green"))
+        response = post(server.url, "explain", json={"image": image, "prompt": "What color is it?", "max_tokens": 4})
+        assert response.status_code == 200, response.text
+        found = response.json()
+        direct = explain(backend, picture("green"), "What color is it?", max_new_tokens=4)
+        assert found["answer"] == direct.answer and found["tokens"] == list(direct.tokens)
+        assert len(found["image_mass"]) == len(direct.maps) and len(found["balance"]) == len(direct.balance)
+        for key in ("heatmap", "balance_plot"):
+            head, _, data = found[key].partition(",")
+            assert head == "data:image/png;base64"
+            with Image.open(io.BytesIO(base64.b64decode(data))) as png:
+                assert png.format == "PNG" and png.width > 100 and png.height > 100
+        one_line_error(post(server.url, "explain", json={"image": image, "prompt": ""}), 400)
+        one_line_error(post(server.url, "explain", json={"image": image, "prompt": "What?", "method": "x"}), 400)
+        one_line_error(post(server.url, "explain", json={"image": "bm90IGFuIGltYWdl", "prompt": "What?"}), 400)
+        still_serving(server.url)
+    finally:
+        server.stop()

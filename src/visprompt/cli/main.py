@@ -314,6 +314,13 @@ def pull(model: str = typer.Argument(..., help="Hub id, e.g. HuggingFaceTB/SmolV
     print(hub_pull(model))
 
 
+def _explanation_json(*args) -> dict:
+    """/v1/tasks/explain's answer: the server does not import eval, the CLI hands it this (imported on use)."""
+    from ..eval.heatmap import explanation_json
+
+    return explanation_json(*args)
+
+
 @app.command()
 def serve(
     model: str = ModelOpt,
@@ -372,7 +379,7 @@ def serve(
         request_timeout=request_timeout,
     )
     sock = listen(host, port)  # a busy port is an error before the model loads
-    run_server(load_backend(model), config, sock)
+    run_server(load_backend(model), config, sock, explainer=_explanation_json)
 
 
 @data_app.command("shapes")

@@ -5,6 +5,7 @@
     POST /v1/tasks/story        a story's next paragraphs from pictures; the state goes back and forth
     POST /v1/tasks/lesson       an explanation and a quiz about an image, as schema-valid JSON
     POST /v1/tasks/video        a video upload (multipart/form-data, in memory) summarised by scenes
+    POST /v1/tasks/explain      where the model looked: attention heatmaps of an answer (PNG data: URLs)
     GET  /v1/models             the served model
     GET  /health                answers while the model generates (the event loop never blocks)
     GET  /metrics               Prometheus text (metrics.py)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -47,13 +49,20 @@ PAGE_HEADERS = {
 }
 
 
-def create_app(backend: Backend, config: ServeConfig | None = None, fetcher: MediaFetcher | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    config: ServeConfig | None = None,
+    fetcher: MediaFetcher | None = None,
+    explainer: Callable[..., dict] | None = None,
+) -> FastAPI:
     """The server's ASGI app over `backend`.
 
     Args:
         backend: the model to serve; its scheduler thread starts with the app and stops with it.
         config: limits and access (default: `ServeConfig()`).
         fetcher: reads image URLs (default: one built from the config; tests pass a resolver stub).
+        explainer: `(backend, image, prompt, token, method, max_new_tokens) -> dict` behind
+            /v1/tasks/explain (`visprompt.eval.heatmap.explanation_json`); None: that endpoint is a 404.
 
     Returns:
         The FastAPI app (run it with uvicorn; `server.py`).
@@ -69,7 +78,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None, fetcher: Med
     model = ServedModel(backend, config.model_name or backend.name, config.max_queued, config.retry_after)
     metrics = Metrics(model.cache_stats)
     chat = ChatCompletions(model, metrics, config, fetcher)
-    tasks = Tasks(model, metrics, config, fetcher)
+    tasks = Tasks(model, metrics, config, fetcher, explainer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -126,6 +135,11 @@ def create_app(backend: Backend, config: ServeConfig | None = None, fetcher: Med
     async def task_video(request: Request) -> Response:
         authorize(request)
         return await tasks.video(request)
+
+    @app.post("/v1/tasks/explain")
+    async def task_explain(request: Request) -> Response:
+        authorize(request)
+        return await tasks.explain(request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

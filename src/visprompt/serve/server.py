@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -71,17 +72,23 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(backend: Backend, config: ServeConfig, sock: socket.socket | None = None) -> None:
+def serve(
+    backend: Backend,
+    config: ServeConfig,
+    sock: socket.socket | None = None,
+    explainer: Callable[..., dict] | None = None,
+) -> None:
     """Serve `backend` until SIGINT or SIGTERM (in the foreground; blocks).
 
     Args:
         backend: the loaded model.
         config: address, access and limits.
         sock: a socket from `listen` (default: one bound to config.host and config.port).
+        explainer: what answers /v1/tasks/explain (see `create_app`).
     """
     sock = sock or listen(config.host, config.port)
     log_to_stderr()
-    app = create_app(backend, config)
+    app = create_app(backend, config, explainer=explainer)
     server = uvicorn.Server(uvicorn_config(app, config))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -104,7 +111,11 @@ class RunningServer:
 
 
 def serve_in_thread(
-    backend: Backend, config: ServeConfig | None = None, fetcher: MediaFetcher | None = None, timeout: float = 60.0
+    backend: Backend,
+    config: ServeConfig | None = None,
+    fetcher: MediaFetcher | None = None,
+    timeout: float = 60.0,
+    explainer: Callable[..., dict] | None = None,
 ) -> RunningServer:
     """Start the server on a free loopback port in a background thread; returns once it answers.
 
@@ -113,6 +124,7 @@ def serve_in_thread(
         config: limits and access (its host and port are replaced: 127.0.0.1, a free port).
         fetcher: the media fetcher (tests pass one with a resolver stub).
         timeout: seconds to wait for start-up.
+        explainer: what answers /v1/tasks/explain (see `create_app`).
 
     Returns:
         The running server: `.url` (http://127.0.0.1:PORT) and `.stop()`.
@@ -120,7 +132,7 @@ def serve_in_thread(
     config = config or ServeConfig()
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    app = create_app(backend, config, fetcher)
+    app = create_app(backend, config, fetcher, explainer)
     server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="visprompt-serve", daemon=True)
     thread.start()

@@ -5,6 +5,8 @@
     lesson    JSON {"image", "questions"?, "level"?}            -> the lesson (valid against lesson.schema.json)
     video     multipart/form-data: video (file), max_frames?    -> {"summary", "duration", "scenes"}, as
                                                                     `visprompt video --json` prints it
+    explain   JSON {"image", "prompt", "token"?, "method"?}     -> {"answer", "tokens", "heatmap",
+                                                                    "balance_plot" (PNG data: URLs), ...}
 
 Every endpoint also takes `max_tokens`, `temperature`, `top_p`, `top_k` and `seed` (form fields for
 the video). An image is a `data:` URL (or an allowed http(s)/file URL, as in chat) or bare base64,
@@ -15,6 +17,10 @@ A task runs in a worker thread (at most `TASK_THREADS` at once) over `TaskBacken
 go through the backend's scheduler beside the chat requests', and stop (their sequences cancelled)
 when the client goes away or the request passes --request-timeout. A task holds capacity like a chat
 request (a video one slot per frame), and at most `VIDEO_UPLOADS` videos are in memory at once.
+
+`explain` runs the explainer the server was started with (the CLI passes
+`visprompt.eval.heatmap.explanation_json`; the server does not import `eval` itself) on the served
+backend, one request at a time: it switches the model to eager attention while it reads the weights.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ VIDEO_UPLOADS = 2  # videos held in memory at once (each up to --max-video-bytes
 DESCRIBE_TOKENS = 128  # default max_tokens per generation (describe, video)
 STORY_TOKENS = 110  # a paragraph's default max_tokens (tasks.story.Story's)
 MAX_DIRECTION = 500  # characters of a story's direction
+EXPLAIN_TOKENS = 32  # default max_tokens of an explained answer
+MAX_EXPLAIN_TOKENS = 64  # an explanation draws one panel per answer token
 
 
 class _Gone(Exception):
@@ -160,11 +168,20 @@ class Tasks:
         fetcher: reads image URLs.
     """
 
-    def __init__(self, model: ServedModel, metrics: Metrics, config: ServeConfig, fetcher: MediaFetcher):
+    def __init__(
+        self,
+        model: ServedModel,
+        metrics: Metrics,
+        config: ServeConfig,
+        fetcher: MediaFetcher,
+        explainer: Callable[..., dict] | None = None,
+    ):
         self.model = model
         self.metrics = metrics
         self.config = config
         self.fetcher = fetcher
+        self.explainer = explainer
+        self._explain_lock = threading.Lock()
         self.limiter = anyio.CapacityLimiter(TASK_THREADS)
         self._videos = 0
         self._videos_lock = threading.Lock()
@@ -181,6 +198,9 @@ class Tasks:
 
     async def video(self, request: Request) -> Response:
         return await self._answer(request, self._video)
+
+    async def explain(self, request: Request) -> Response:
+        return await self._answer(request, self._explain)
 
     # -- one request, start to end ----------------------------------------------------------------
     async def _answer(self, request: Request, handler) -> Response:
@@ -368,6 +388,30 @@ class Tasks:
             backend.check()
             sampling = params.updated(max_new_tokens=budget)
             return make_lesson(backend, image, questions, level, sampling, backend.image_after_text)
+
+        return await self._run(request, trace, work)
+
+    # -- explain ----------------------------------------------------------------------------------
+    async def _explain(self, request: Request, trace: RequestTrace) -> dict[str, Any]:
+        if self.explainer is None:
+            raise APIError(404, "this server has no explainer (`visprompt serve` starts one)", code="not_found")
+        body = await self._body(request, trace)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise bad_request("'prompt' must be the question to explain", param="prompt")
+        token = body.get("token")
+        if token is not None and (not isinstance(token, str) or not token.strip() or len(token) > 100):
+            raise bad_request("'token' must be one word of the answer or the prompt", param="token")
+        method = _choice(body, "method", "mean", ("mean", "rollout"))
+        max_tokens = _integer(body, "max_tokens", EXPLAIN_TOKENS, 1, MAX_EXPLAIN_TOKENS)
+
+        def work(backend: TaskBackend) -> dict[str, Any]:
+            image = self._image(body.get("image"), "image", trace)
+            backend.check()
+            with self._explain_lock:
+                backend.check()
+                found = self.explainer(self.model.backend, image, prompt, token, method, max_tokens)
+            return {**found, "model": self.model.name}
 
         return await self._run(request, trace, work)
 

@@ -1,6 +1,6 @@
 // The visprompt page. Ask: images and a question in, the answer streamed out, the conversation kept
 // in this page (sent again with each question, images of earlier turns included). Describe, Story,
-// Lesson and Video: one request each to /v1/tasks/*, the answer shown when it is whole (a story's
+// Lesson, Video and Explain: one request each to /v1/tasks/*, the answer shown when it is whole (a story's
 // state is kept here and sent back with the next turn). Text from the model is only ever set as
 // textContent, never as HTML.
 "use strict";
@@ -217,7 +217,7 @@ function stop() {
 
 // -------------------------------------------------------------------------------------------- tabs
 
-const TABS = ["ask", "describe", "story", "lesson", "video"];
+const TABS = ["ask", "describe", "story", "lesson", "video", "explain"];
 
 function showTab(name, focus = false) {
   for (const tab of TABS) {
@@ -409,6 +409,26 @@ async function video(event) {
   });
 }
 
+async function explain(event) {
+  event.preventDefault();
+  const file = $("explain-image").files[0];
+  const prompt = $("explain-prompt").value.trim();
+  if (!file || !prompt) {
+    $("explain-status").textContent = "Choose an image and write a question first";
+    return;
+  }
+  const body = { image: await readDataURL(file), prompt };
+  const token = $("explain-token").value.trim();
+  if (token) body.token = token;
+  await runTask("explain", body, (found) => {
+    const heatmap = picture(found.heatmap, `Attention of each answer token on the image: ${found.tokens.join(" ")}`);
+    const balance = picture(found.balance_plot, "Per layer, the share of attention on image and text tokens");
+    heatmap.className = "plot";
+    balance.className = "plot";
+    $("explain-out").replaceChildren(element("p", found.answer, "text"), heatmap, balance);
+  });
+}
+
 // ------------------------------------------------------------------------------------------ wiring
 
 function wire() {
@@ -469,6 +489,7 @@ function wire() {
   $("story-new").addEventListener("click", newStory);
   $("lesson-form").addEventListener("submit", lesson);
   $("video-form").addEventListener("submit", video);
+  $("explain-form").addEventListener("submit", explain);
   wireTabs();
   loadModel();
 }
