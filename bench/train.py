@@ -5,6 +5,9 @@ the same weights and the same batches.
     flock /tmp/visprompt-cpu.lock python bench/train.py                            # markdown on stdout
     flock /tmp/visprompt-cpu.lock python bench/train.py --docs docs/training.md    # and into the doc
 
+The default is quick: 2 warm-up steps, then 10 timed steps per side (a few minutes on 2 cores,
+most of it loading and the steps themselves); `--steps 50` for a steadier median.
+
 The model: a SigLIP-base-shaped vision tower (12 x 768, patch 16, random weights) at 128 px, so an
 image is 64 patch tokens; LLaVA-1.5's connector (Linear-GELU-Linear, random); SmolLM2-135M-Instruct
 with its REAL weights (the packaged GGUF) as the LM. visprompt builds it (`VLMConfig`,
@@ -20,10 +23,11 @@ the same pre-collated batches. The visprompt side runs the trainer's own step (`
 `freeze_parts`, `build_optimizer`, `train_mode`, `precision`); the LLaVA side a loop a user would
 write. Each side runs in its own process, so its peak RSS is its own.
 
-Reported per side: samples/s (median step time over the steps after --warmup; batch loading is
-left out on both sides), peak RSS, the loss of the first and the last step; then where one step's
-time goes (torch.profiler, top ops by self CPU time). Run it on a quiet machine: the figures are
-wall times.
+Reported per side: samples/s (median time of the --steps timed steps, after --warmup untimed
+ones; batch loading is left out on both sides), peak RSS, the loss of the first and the last step;
+then where one step's time goes (torch.profiler, top ops by self CPU time). The headline is the
+ratio of the two sides' samples/s, both measured in the same run. Run it on a quiet machine: the
+figures are wall times.
 """
 
 from __future__ import annotations
@@ -225,7 +229,7 @@ def run_side(args) -> None:
 
     torch.manual_seed(args.seed)
     model = VisionLanguageModel.from_pretrained(args.model)
-    data = batches(model, Path(args.data), args.batch, args.steps)
+    data = batches(model, Path(args.data), args.batch, args.warmup + args.steps)
     tokens = [int(b["attention_mask"].sum()) for b in data]
     step = visprompt_side(model, Path(args.data)) if args.side == "visprompt" else transformers_side(model)
     times, losses = [], []
@@ -245,7 +249,7 @@ def run_side(args) -> None:
         rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.profile]
         profile = [{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in rows]
         profile.append({"op": "(step wall time)", "ms": wall * 1e3, "calls": 1})
-    timed = times[args.warmup :] or times
+    timed = times[args.warmup :]
     result = {
         "side": args.side,
         "step_s": statistics.median(timed),
@@ -266,11 +270,11 @@ def markdown(command: str, sides: dict, args) -> str:
     ratio = ours["samples_per_s"] / theirs["samples_per_s"]
     names = {"visprompt": "visprompt trainer step", "transformers": "transformers LLaVA, plain loop"}
     lines = [
-        f"`{command}` (batch {args.batch}, {args.steps} steps, median step time over steps "
-        f"{args.warmup + 1}-{args.steps}; {ours['threads']} threads; "
+        f"`{command}` (batch {args.batch}; median step time of {args.steps} steps after {args.warmup} "
+        f"warm-up steps; {ours['threads']} threads; "
         f"{ours['tokens_per_batch']:.0f} tokens per batch, 64 of them image tokens per example):",
         "",
-        "| | samples/s | s/step | peak RSS | loss, step 1 | loss, step " + str(args.steps) + " |",
+        "| | samples/s | s/step | peak RSS | loss, step 1 | loss, step " + str(args.warmup + args.steps) + " |",
         "|---|---|---|---|---|---|",
     ]
     for key in ("visprompt", "transformers"):
@@ -289,9 +293,12 @@ def markdown(command: str, sides: dict, args) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The defaults (2 warm-up + 10 timed steps per side) take a few minutes on 2 cores.",
+    )
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per side, after the warm-up (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, per side (default 2)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=128, help="px; patch 16, so 128 px is 64 image tokens")
     ap.add_argument("--seed", type=int, default=0)
@@ -306,7 +313,9 @@ def main() -> None:
         run_side(args)
         return
     command = "python bench/train.py" + "".join(f" {a}" for a in sys.argv[1:] if not a.startswith("--docs"))
-    model_dir, train_json = prepare(args.image_size, args.steps * args.batch, args.seed)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    model_dir, train_json = prepare(args.image_size, (args.warmup + args.steps) * args.batch, args.seed)
     sides = {}
     with tempfile.TemporaryDirectory() as tmp:
         for side in ("visprompt", "transformers"):

@@ -1,6 +1,7 @@
 """visprompt.eval.evaluate: the one evaluation loop, on any Backend (the trainer and `visprompt eval` use it)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -342,6 +343,59 @@ def test_cli_eval_resume_and_one_line_errors(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", "m", "--data", str(tmp_path / "split.json"), "--resume"]) == 2
     assert capsys.readouterr().err == "error: --resume needs --output (the folder holding the answers so far)\n"
+
+
+def test_cli_eval_reads_the_training_formats_imagefolder_and_coco(tmp_path, monkeypatch, capsys):
+    """`visprompt eval --data` reads what training reads (data.records), not only LLaVA JSON; COCO's
+    captions of one image are one question with every caption as a reference."""
+    from PIL import Image
+
+    import visprompt.engine.loading
+    from visprompt.cli.main import main
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (8, 8), color).save(folder / name)
+    rows = [
+        {"file_name": "a.png", "question": "What color is it?", "answer": "red", "question_type": "color"},
+        {"file_name": "b.png", "question": "What color is it?", "answer": "blue", "question_type": "color"},
+    ]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png"}, {"id": 9, "file_name": "b.png"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "caption": "a red square on a plain background"},
+            {"id": 2, "image_id": 7, "caption": "a small red square"},
+            {"id": 3, "image_id": 9, "caption": "a blue square"},
+        ],
+    }
+    (folder / "captions.json").write_text(json.dumps(coco))
+
+    class Colors:
+        name = "colors"
+
+        def __init__(self):
+            self.asked = []
+
+        def generate(self, conversations, params):
+            self.asked += conversations
+            images = [p["image"] for c in conversations for p in c[-1]["content"] if p.get("type") == "image"]
+            assert len(images) == len(conversations) and all(Path(str(im)).is_file() for im in images)
+            return [GenerationResult("red", "stop", 1, 1) for _ in conversations]
+
+    backend = Colors()
+    monkeypatch.setattr(visprompt.engine.loading, "load_backend", lambda ref, device="cpu": backend)
+    assert main(["eval", "--model", "m", "--data", str(folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["items"], report["exact_match"], report["by"]) == (2, 0.5, "question_type")
+    assert main(["eval", "--model", "m", "--data", str(folder / "captions.json"), "--output", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in (tmp_path / "o" / "answers.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["7#0", "9#0"]
+    assert rows[0]["references"] == ["a red square on a plain background", "a small red square"]
+    assert main(["eval", "--model", "m", "--data", str(folder / "captions.json"), "--data-format", "llava"]) == 2
+    assert "COCO captions file" in capsys.readouterr().err
 
 
 def test_any_backend_evaluates_own_model_and_starter(tmp_path, shapes_dir, tiny_model):

@@ -344,6 +344,67 @@ def test_ask_and_describe_work_on_a_saved_cross_attention_model(tmp_path):
     assert isinstance(two, str)
 
 
+# --- the training loss at label positions only -------------------------------------------------------
+
+
+def labelled_batch(model):
+    """Two right-padded prompts (one image; two images) with labels on a few tokens: some after every
+    image, one before the second image (mixture: only branch 0 there), none on images or padding."""
+    rows = [prompt_ids(model, [5, 6, "IMG", 7, 8, 9, 10, 11])[0], prompt_ids(model, [5, "IMG", 6, "IMG", 7, 8, 9])[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.full((2, width), model.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    labels = torch.full((2, width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        labels[i, len(r) - 3 : len(r)] = r[len(r) - 3 :]
+    second = int((rows[1] == model.cfg.image_token_id).nonzero()[-1]) - model.cfg.tokens_per_image + 1
+    labels[1, second - 1] = rows[1][second - 1]  # the text token before the second image
+    return ids, mask, torch.randn(3, 3, 32, 32), labels
+
+
+def loss_and_grads(model, batch, **kw):
+    ids, mask, pixels, labels = batch
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, pixel_values=pixels, labels=labels, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("key", list(STRATEGIES))
+def test_loss_at_label_positions_equals_the_full_logits_loss_and_gradients(key):
+    """The LM head and the cross-entropy run only where a label is; loss, gradients and those logits
+    equal the full [B, T, V] path's (fp32, within 1e-5), for every fusion (mixture: two images, so its
+    per-image branches are mixed at each label position)."""
+    model = make_model(key, gates=0.5)
+    batch = labelled_batch(model)
+    labels = batch[3]
+    fast, fast_grads = loss_and_grads(model, batch)
+    full, full_grads = loss_and_grads(model, batch, full_logits=True)
+    keep = labels[:, 1:] != -100
+    assert fast.logits.shape == (int(keep.sum()), full.logits.shape[-1])
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.logits, full.logits[:, :-1][keep], rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == full_grads.keys() and len(fast_grads) == len(list(model.parameters()))
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    if key == "mixture":  # the per-token image weights at the same positions
+        torch.testing.assert_close(fast.mixture_weights, full.mixture_weights[:, :-1][keep])
+
+
+def test_loss_at_label_positions_in_other_lm_families(tmp_path):
+    """GPT-2 (tied head, its own module names) through the same hook: the same loss and gradients."""
+    torch.manual_seed(0)
+    model = open_gates(_family_model(tmp_path, "gpt2"), 0.5).eval()
+    batch = labelled_batch(model)
+    fast, fast_grads = loss_and_grads(model, batch)
+    full, full_grads = loss_and_grads(model, batch, full_logits=True)
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # --- training --------------------------------------------------------------------------------------
 
 

@@ -310,6 +310,37 @@ def test_stages_train_one_model_in_order_and_resume_skips_finished_stages(tmp_pa
     assert (out / "stages" / "align" / "metrics.jsonl").read_text() == ""
 
 
+def test_two_stages_align_then_lora_reuse_the_frozen_encoders_stored_outputs(tmp_path, shapes_dir, capfd):
+    """The guide's recipe in small: stage 1 trains the connector alone (tower and LM frozen), stage 2
+    adds LoRA adapters to the LM; the frozen encoder's outputs stored in stage 1 serve stage 2."""
+    stages = [
+        {"name": "align", "train_data": str(shapes_dir / "align.json"), "max_steps": 2, "lm_lr": 0, "vision_lr": 0},
+        {"name": "instruct", "train_data": str(shapes_dir / "train.json"), "max_steps": 2, "vision_lr": 0},
+    ]
+    path = write_staged_recipe(tmp_path, shapes_dir, stages)
+    trainer = Trainer(load_recipe(path, ["model.lm_lora_rank=4"]))
+    trainer.train()
+    err = capfd.readouterr().err
+    align_images = {r["image"] for r in json.loads((shapes_dir / "align.json").read_text())}
+    train_images = {r["image"] for r in json.loads((shapes_dir / "train.json").read_text())}
+    assert align_images and align_images <= train_images
+    assert f"encoding {len(align_images)} images once" in err
+    assert (
+        f"encoding {len(train_images - align_images)} images once, before the first step ({len(align_images)} more stored before)"
+        in err
+    )
+    out = tmp_path / "run"
+    first, final = VisionLanguageModel.from_pretrained(out / "stages" / "align"), trainer.model
+    assert not any("lora_" in n for n, _ in first.lm.named_parameters())
+    assert any("lora_" in n for n, p in final.lm.named_parameters() if p.requires_grad)
+    assert all(not p.requires_grad for n, p in final.lm.named_parameters() if "lora_" not in n)
+    # a stage that trains the encoder leaves nothing to reuse
+    stages[0]["vision_lr"] = 1e-3
+    capfd.readouterr()
+    Trainer(load_recipe(write_staged_recipe(tmp_path, shapes_dir, stages), [f"output_dir={tmp_path / 'r2'}"])).train()
+    assert f"encoding {len(train_images)} images once, before the first step\n" in capfd.readouterr().err
+
+
 def test_lora_trains_only_adapters_in_the_lm_and_saves_merged_weights(tmp_path, shapes_dir):
     path = write_recipe(tmp_path, shapes_dir, eval_data="", max_steps=3, vision_lr=0.0, lm_lr=1e-2)
     trainer = Trainer(load_recipe(path, ["model.lm_lora_rank=4", "model.lm_lora_targets=q_proj,v_proj"]))

@@ -278,7 +278,7 @@ t0 = time.time()
 for step in range(1, a.steps + 1):
     pool = al if step <= a.align else tr
     b = coll(random.sample(pool, a.bs))
-    out = m(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"])
+    out = m(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"], full_logits=a.turnloss)
     if a.turnloss:
         out.loss = turn_loss(out.logits, b["labels"])
     opt.zero_grad()

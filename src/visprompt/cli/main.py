@@ -262,7 +262,15 @@ def explain(
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m"),
-    data: Path = typer.Option(..., "--data", help="LLaVA JSON/JSONL split with reference answers."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Split with reference answers, in any training format (llava, imagefolder, coco, webdataset).",
+    ),
+    data_format: str = typer.Option("auto", "--data-format", help="auto | llava | imagefolder | coco | webdataset."),
+    image_root: str = typer.Option(
+        "", "--image-root", help="Relative image paths start here (default: the data's folder)."
+    ),
     output: Path | None = typer.Option(
         None, "--output", help="Folder for answers.jsonl and report.json/.md/.html (created if missing)."
     ),
@@ -286,6 +294,8 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         max_records=max_records,
         model_name=model,
+        data_format=data_format,
+        image_root=image_root,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "worst"}))
 

@@ -98,6 +98,32 @@ def load_records(
     return RecordSet(records, bad, raw.format, raw.files)
 
 
+def read_records(
+    path: str | Path, fmt: str = "auto", image_root: str | Path = "", *, check_images: bool = True
+) -> RecordSet:
+    """Read a dataset in any format (`formats.FORMATS`, as `load_records`), leniently and all or
+    nothing: what LLaVA's own reader repairs is repaired (images without an `<image>` marker get one
+    before the first question, an empty answer is read as one), and the first record that cannot be
+    read raises its one-line `RecordError` (a `DatasetError`). The reader outside training
+    (`visprompt eval --data`), where leaving a record out would change the score.
+
+    Args:
+        path, fmt, image_root: as for `load_records`.
+        check_images: refuse image paths that name no file (images are not decoded here).
+
+    Returns:
+        A RecordSet with every record and no bad ones.
+    """
+    raw = read_items(path, fmt, image_root)
+    base = raw.base.resolve()
+    records = []
+    for index, (item, source) in enumerate(raw.items):
+        if isinstance(item, RecordError):
+            raise item
+        records.append(parse_llava_record(item, index, base, source, check_images))
+    return RecordSet(records, [], raw.format, raw.files)
+
+
 def _check_decoding(checked: list[LlavaRecord | RecordError], sources: list[str]) -> None:
     """Decode every distinct image of the good records once, in threads; a record with an image
     that does not decode is replaced, in place, by its `RecordError`."""

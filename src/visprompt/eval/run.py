@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..data.llava import LlavaRecord, load_llava_records
+from ..data.llava import LlavaRecord
+from ..data.records import read_records
 from ..engine.backend import Backend, SamplingParams
 from ..engine.backends.own import OwnVLMBackend
 from ..errors import VispromptError
@@ -56,12 +57,14 @@ def run_evaluation(
     model_name: str = "",
     progress: bool | None = None,
     use_java: bool | None = None,
+    data_format: str = "auto",
+    image_root: str = "",
 ) -> dict[str, Any]:
     """Answer, score and report a split.
 
     Args:
         backend: any Backend, or a visprompt VisionLanguageModel.
-        data: a LLaVA JSON/JSONL file, or its records.
+        data: a dataset in any format training reads (`data_format`), or its records.
         output: the folder for answers.jsonl, run.json and the reports (None: nothing written).
         resume: keep the folder's answers and ask only the questions without one.
         by: the record field to break the scores down by (default: question_type, else kinds).
@@ -71,6 +74,8 @@ def run_evaluation(
         model_name: how the report names the model.
         progress: show a progress bar (None: on a terminal).
         use_java: caption tokenization and METEOR through Java (None: when Java is found).
+        data_format: the format of `data` (`data.formats.FORMATS`; auto: told from the path).
+        image_root: relative image paths start here ("" = the data file's folder).
 
     Returns:
         The report (as written to report.json).
@@ -79,7 +84,7 @@ def run_evaluation(
         backend = OwnVLMBackend(backend)
     if resume and output is None:
         raise VispromptError("--resume needs --output (the folder holding the answers so far)")
-    records = load_llava_records(data) if isinstance(data, (str, os.PathLike)) else list(data)
+    records = eval_records(data, data_format, image_root) if isinstance(data, (str, os.PathLike)) else list(data)
     if max_records:
         records = records[:max_records]
     by = by or default_by(records)
@@ -87,6 +92,7 @@ def run_evaluation(
     name = model_name or getattr(backend, "name", "model")
     run = {"model": name, "data": str(data) if isinstance(data, (str, os.PathLike)) else "<records>"}
     run.update(max_records=max_records, max_new_tokens=max_new_tokens)
+    run.update({k: v for k, v in (("data_format", data_format), ("image_root", image_root)) if v not in ("auto", "")})
     answers: dict[str, str] = {}
     log = None
     if output is not None:
@@ -115,6 +121,24 @@ def run_evaluation(
     if output is not None:
         write_reports(output, report, {it.id: it.image for it in items})
     return report
+
+
+def eval_records(path: str | os.PathLike, data_format: str = "auto", image_root: str = "") -> list[LlavaRecord]:
+    """The records of a dataset in any format training reads (`data.records.read_records`). COCO
+    captions come one record per annotation; here the captions of one image become one record with
+    every caption as a reference (as COCO's caption evaluation scores an image against all five)."""
+    found = read_records(path, data_format, image_root)
+    if found.format != "coco":
+        return found.records
+    by_image: dict[Any, list[LlavaRecord]] = {}
+    for rec in found.records:
+        by_image.setdefault(rec.extra.get("image_id"), []).append(rec)
+    grouped = []
+    for image_id, recs in by_image.items():
+        first = recs[0]
+        extra = {**first.extra, "references": [r.turns[0][1] for r in recs], "task": "caption"}
+        grouped.append(LlavaRecord(str(image_id), first.images, first.turns, first.system, extra))
+    return grouped
 
 
 def _row(item: EvalItem, answer: str) -> dict[str, Any]:

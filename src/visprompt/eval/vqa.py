@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..data.llava import LlavaRecord, load_llava_records, record_conversation
+from ..data.llava import LlavaRecord, record_conversation
+from ..data.records import read_records
 from ..engine.backend import Backend, SamplingParams
 from ..engine.backends.own import OwnVLMBackend
 from .metrics import exact_match
@@ -71,7 +72,7 @@ def evaluate(
     Args:
         backend: anything with the Backend protocol's `generate(conversations, SamplingParams)`, or a
             visprompt `VisionLanguageModel` (evaluated on its own backend, `OwnVLMBackend`).
-        records: LLaVA records, or the path of a LLaVA JSON/JSONL file.
+        records: LLaVA records, or the path of a dataset in any format training reads.
         batch_size: conversations per `generate` call.
         max_new_tokens: the longest answer generated (greedy decoding).
         max_records: score only the first this many records (0: all).
@@ -84,7 +85,7 @@ def evaluate(
     if isinstance(backend, torch.nn.Module):  # a model, not a backend
         backend = OwnVLMBackend(backend)
     if isinstance(records, (str, os.PathLike)):
-        records = load_llava_records(records)
+        records = read_records(records).records
     if max_records:
         records = records[:max_records]
     items = []

@@ -16,13 +16,14 @@ log-probabilities as its logits, and `MixtureCache` carries the branches' cache 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .lm_head import head_rows
 
 
 @dataclass
@@ -36,16 +37,6 @@ class MixtureCache:
     seen: int
 
 
-@contextlib.contextmanager
-def _capture_input(module: nn.Module, store: list):
-    """Keep the input of `module` (the LM head: the final hidden state) for the duration."""
-    handle = module.register_forward_pre_hook(lambda m, args: store.append(args[0]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class MixtureFusion(nn.Module):
     def __init__(self, dim: int, max_images: int):
         super().__init__()
@@ -54,7 +45,18 @@ class MixtureFusion(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_images))  # b_j per image index
         nn.init.zeros_(self.to_q.weight)  # start from uniform weights over the visible images
 
-    def run(self, model, input_ids, attention_mask, image_embeds, position_ids, cache, use_cache, logits_to_keep):
+    def run(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        image_embeds,
+        position_ids,
+        cache,
+        use_cache,
+        logits_to_keep,
+        keep: torch.Tensor | None = None,
+    ):
         """The mixture forward (see VisionLanguageModel.forward); a batch with at most one image per
         prompt runs as prefix fusion.
 
@@ -62,11 +64,13 @@ class MixtureFusion(nn.Module):
             input_ids: [B, T]; tokens_per_image placeholders per image.
             image_embeds: [n_images, N, D] from `encode_images`, only with the first forward.
             cache: None, a MixtureCache, or a prefix-fusion cache (<= 1 image per prompt).
+            keep: [B, T] bool, the only positions whose mixture is wanted (a training loss's label
+                positions; first forward, logits_to_keep 0), or None for every kept position.
 
         Returns:
             (logits [B, K, V], cache, weights [B, K, J] or None): K = T or logits_to_keep; logits are
             the mixture's log-probabilities with several images, and weights the per-token image
-            weights a_ij.
+            weights a_ij. With `keep`: logits [n, V] and weights [n, J] at its n positions, row-major.
         """
         if cache is not None and not isinstance(cache, MixtureCache):  # decoding a <= 1-image batch
             return (
@@ -86,7 +90,7 @@ class MixtureFusion(nn.Module):
             if int(n_images.max()) <= 1:
                 return (
                     *model._prefix_forward(
-                        input_ids, attention_mask, image_embeds, position_ids, None, use_cache, logits_to_keep
+                        input_ids, attention_mask, image_embeds, position_ids, None, use_cache, logits_to_keep, keep
                     ),
                     None,
                 )
@@ -127,8 +131,16 @@ class MixtureFusion(nn.Module):
                 cache.lm,
             )
 
-        hidden: list[torch.Tensor] = []
-        with _capture_input(model.lm.get_output_embeddings(), hidden):
+        # The positions whose mixture is computed, as (prompt, column) pairs: every kept column of
+        # every prompt, or the `keep` positions only; the LM head runs at those, in every branch.
+        select = None
+        if keep is not None:
+            pos_b, pos_t = keep.nonzero(as_tuple=True)  # row-major
+
+            def select(h):  # [B*J, T, D] -> [1, n*J, D], row (p, j) = branch j at position p
+                return h.reshape(B, J, T, -1)[pos_b, :, pos_t].reshape(1, -1, h.shape[-1])
+
+        with head_rows(model.lm, select) as head:
             out = model.lm(
                 inputs_embeds=embeds.repeat_interleave(J, 0),
                 attention_mask=branch_mask,
@@ -137,26 +149,36 @@ class MixtureFusion(nn.Module):
                 logits_to_keep=logits_to_keep,
                 **{model._cache_arg: lm_cache},
             )
-        K, V = out.logits.shape[1], out.logits.shape[2]
-        logp = out.logits.float().log_softmax(-1).reshape(B, J, K, V)
-        h = hidden[-1].reshape(B, J, K, -1)
-        q = self.to_q(h.to(self.to_q.weight.dtype))  # [B, J, K, d]
+        logits, h = out.logits, head.hidden
+        if keep is not None and head.selected:
+            logits, h = logits.reshape(-1, J, logits.shape[-1]), h.reshape(-1, J, h.shape[-1])  # [P, J, *]
+        else:  # [B*J, K, *] -> [P, J, *]: every kept column, or the `keep` positions among them
+            K = logits.shape[1]
+            if keep is None:
+                pos_b = torch.arange(B, device=dev).repeat_interleave(K)
+                pos_t = torch.arange(T - K, T, device=dev).repeat(B)
+            k_index = pos_t - (T - K)
+            logits = logits.reshape(B, J, K, -1)[pos_b, :, k_index]
+            h = h.reshape(B, J, K, -1)[pos_b, :, k_index]
+        logp = logits.float().log_softmax(-1)  # [P, J, V]
+        q = self.to_q(h.to(self.to_q.weight.dtype))  # [P, J, d]
         bias = self.bias[torch.arange(J, device=dev).clamp(max=self.bias.numel() - 1)]  # [J]
-        scores = (q * keys[:, :, None, :].to(q.dtype)).sum(-1).float() / math.sqrt(q.shape[-1]) + bias[
-            None, :, None
-        ]  # [B, J, K]
+        scores = (q * keys[pos_b].to(q.dtype)).sum(-1).float() / math.sqrt(q.shape[-1]) + bias[None, :]  # [P, J]
 
-        cols = (start + torch.arange(T, device=dev))[-K:]  # the columns whose logits were kept
-        visible = image_start[:, :, None] <= cols[None, None, :]  # [B, J, K]
-        valid = branch_mask[:, -K:].reshape(B, J, K).bool()  # the token exists in branch j
-        allowed = visible & valid & real[:, :, None]
-        first = torch.arange(J, device=dev)[None, :, None] == 0
+        cols = start + pos_t  # [P] each position's column
+        visible = image_start[pos_b] <= cols[:, None]  # [P, J]
+        valid = branch_mask[:, -T:].reshape(B, J, T)[pos_b, :, pos_t].bool()  # the token exists in branch j
+        allowed = visible & valid & real[pos_b]
+        first = torch.arange(J, device=dev)[None, :] == 0
         allowed = allowed | (first & ~allowed.any(1, keepdim=True))  # no image yet: branch 0 (all are equal)
-        log_a = scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=1)  # [B, J, K]
-        mixed = torch.logsumexp(log_a[..., None] + logp, dim=1)  # [B, K, V]
+        log_a = scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=1)  # [P, J]
+        mixed = torch.logsumexp(log_a[..., None] + logp, dim=1)  # [P, V]
+        weights = log_a.exp()  # [P, J]
+        if keep is None:
+            mixed, weights = mixed.reshape(B, K, -1), weights.reshape(B, K, J)
         new_cache = None
         if use_cache:
             new_cache = MixtureCache(
                 out.get(model._cache_arg), branch_mask, removed_total, keys, image_start, real, start + T
             )
-        return mixed, new_cache, log_a.exp().transpose(1, 2)
+        return mixed, new_cache, weights

@@ -33,6 +33,7 @@ from ..errors import ConfigError, ModelLoadError, ModelNotFoundError, one_line
 from .config import BuiltConfig, VLMConfig
 from .cross_attention import CrossAttentionFusion
 from .language_model import build_language_model, language_model_from_config, lm_config_dict, text_dims
+from .lm_head import HeadInput, head_rows, keep_mask
 from .mixture import MixtureFusion
 from .modality_projector import ModalityProjector
 from .tokenizer import prepare_tokenizer, train_tokenizer
@@ -338,6 +339,7 @@ class VisionLanguageModel(nn.Module):
         logits_to_keep: int = 0,
         vision_features: torch.Tensor | None = None,
         image_layouts: list | None = None,
+        full_logits: bool = False,
     ) -> VLMOutput:
         """Next-token logits for a batch of prompts, with the images fused per cfg.fusion.
 
@@ -354,6 +356,7 @@ class VisionLanguageModel(nn.Module):
             image_embeds: [n_images, image_feature_tokens, D] already encoded images (`encode_images`),
                 or a list of [n_tokens_i, D] (tiled images).
             labels: [B, T] targets aligned with input_ids (-100: no loss); position t predicts t+1.
+                The LM head then runs only at the n positions that predict a label (see `logits`).
             position_ids: [B, T] positions of the new tokens (default: counting from the cache length).
             past_key_values: the cache a previous call returned (its type depends on the fusion).
             use_cache: return a cache for the next decode step.
@@ -361,15 +364,19 @@ class VisionLanguageModel(nn.Module):
             vision_features: [n_images, N, Dv] the vision encoder's outputs (`self.vision`).
             image_layouts: one ImageLayout per image (models/image_inputs.py) when pixel_values or
                 vision_features hold tiled images' views.
+            full_logits: with labels, compute the logits of every position all the same (and the
+                loss from them): the reference the label-positions-only path is tested against.
 
         Returns:
             VLMOutput with
                 logits: [B, T, V] ([B, k, V] with logits_to_keep=k); mixture fusion with several images
-                    per prompt gives the mixture's log-probabilities.
+                    per prompt gives the mixture's log-probabilities. With labels (and not
+                    full_logits, logits_to_keep or a cache): [n, V], the logits of the n positions t
+                    whose next label labels[b, t+1] is not -100, in row-major (b, t) order.
                 loss: scalar next-token cross-entropy when labels are given, else None.
                 past_key_values: the cache to pass back with use_cache, else None.
                 mixture_weights: [B, T, J] per-token image weights a_ij of mixture fusion with several
-                    images, else None.
+                    images ([n, J] at the label positions, as logits), else None.
         """
         if image_embeds is None and vision_features is not None:
             image_embeds = self.encode_vision_features(vision_features, image_layouts)
@@ -377,32 +384,67 @@ class VisionLanguageModel(nn.Module):
             image_embeds = self.encode_images(pixel_values, image_layouts)
         weights = None
         args = (input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep)
-        if self.fusion is None:
-            logits, cache = self._prefix_forward(*args)
-        elif isinstance(self.fusion, MixtureFusion):
-            logits, cache, weights = self.fusion.run(self, *args)
+        # With labels, the head and the loss only at the positions that predict a label: the rest of
+        # [B, T, V] (image tokens, prompts, padding) would be computed and thrown away.
+        keep = None
+        if labels is not None and not full_logits and not logits_to_keep and past_key_values is None:
+            keep = keep_mask(labels)  # [B, T]
+        if isinstance(self.fusion, MixtureFusion):
+            logits, cache, weights = self.fusion.run(self, *args, keep=keep)
+        elif self.fusion is None:
+            logits, cache = self._prefix_forward(*args, keep=keep)
         else:
-            logits, cache = self.fusion.run(self, *args)
+            with _head_at(self.lm, keep) as head:
+                logits, cache = self.fusion.run(self, *args)
+            logits = _flat(head.logits(logits), keep)
         loss = None
         if labels is not None:
             # Next-token loss: position t predicts token t+1; -100 marks tokens with no loss.
-            shifted = logits[:, :-1].float()  # [B, T-1, V]
-            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+            if keep is not None:  # logits: [n, V], the positions keep marks, row-major
+                loss = F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
+            else:
+                shifted = logits[:, :-1].float()  # [B, T-1, V]
+                loss = F.cross_entropy(
+                    shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+                )
         return VLMOutput(logits, loss, cache, weights)
 
     def _prefix_forward(
-        self, input_ids, attention_mask, image_embeds, position_ids, past_key_values, use_cache, logits_to_keep
+        self,
+        input_ids,
+        attention_mask,
+        image_embeds,
+        position_ids,
+        past_key_values,
+        use_cache,
+        logits_to_keep,
+        keep: torch.Tensor | None = None,
     ):
+        """(logits, cache) of prefix fusion: [B, T, V], or [n, V] at the positions `keep` ([B, T]) marks."""
         embeds = self.embed(input_ids, image_embeds)  # [B, T, D]
-        out = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **{self._cache_arg: past_key_values},
-        )
-        return out.logits, (out.get(self._cache_arg) if use_cache else None)
+        with _head_at(self.lm, keep) as head:
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **{self._cache_arg: past_key_values},
+            )
+        return _flat(head.logits(out.logits), keep), (out.get(self._cache_arg) if use_cache else None)
+
+
+def _head_at(lm: nn.Module, keep: torch.Tensor | None):
+    """`head_rows` reading [R, T, D] -> [1, n, D] at the positions `keep` marks; without `keep` the LM
+    runs untouched (no hook: generation's forwards stay as they were)."""
+    if keep is None:
+        return contextlib.nullcontext(HeadInput(None))
+    return head_rows(lm, lambda h: h[keep][None])
+
+
+def _flat(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[1, n, V] -> [n, V] when positions were kept; otherwise the logits unchanged."""
+    return logits if keep is None else logits.reshape(-1, logits.shape[-1])
 
 
 def flat_image_embeds(image_embeds: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:

@@ -162,18 +162,37 @@ class VLMDataset(Dataset):
             raise ImageError(f"training image {image_label(path)} (record id {record_id!r}): {exc}") from None
 
     @torch.no_grad()
-    def store_vision_features(self, vision: torch.nn.Module, batch_size: int = 64) -> int:
+    def store_vision_features(
+        self,
+        vision: torch.nn.Module,
+        batch_size: int = 64,
+        known: dict[str, torch.Tensor] | None = None,
+        known_layouts: dict[str, object] | None = None,
+    ) -> int:
         """Run a frozen encoder once over every distinct image and serve its outputs from then on
         (as `vision_features`), instead of decoding and encoding the images again every epoch.
-        Only valid while the encoder does not change and without augmentation. Returns the bytes kept."""
+        Only valid while the encoder does not change and without augmentation. `known` (with
+        `known_layouts` for tiled images): outputs of this same encoder stored before (an earlier
+        stage's), used as they are. Returns the bytes kept."""
         if self.augment:
             raise ValueError("stored vision features would freeze the augmentation; turn one of them off")
         store: dict[str, torch.Tensor] = {}
         records = self._image_records()
-        paths = list(records)
+        known, known_layouts = known or {}, known_layouts or {}
+        for p in records:
+            if p in known and (self.tiled_cfg is None or p in known_layouts):
+                store[p] = known[p]
+                if self.tiled_cfg is not None:
+                    self.stored_layouts[p] = known_layouts[p]
+        paths = [p for p in records if p not in store]
         was_training = vision.training
         vision.eval()
-        print(f"frozen encoder: encoding {len(paths)} images once, before the first step", file=sys.stderr, flush=True)
+        reused = f" ({len(store)} more stored before)" if store else ""
+        print(
+            f"frozen encoder: encoding {len(paths)} images once, before the first step{reused}",
+            file=sys.stderr,
+            flush=True,
+        )
         started, shown = time.time(), time.time()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]

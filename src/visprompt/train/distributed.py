@@ -65,7 +65,8 @@ def setup() -> Dist:
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # gloo even where CUDA is present: the trainer keeps the model and the batches on the CPU
+        dist.init_process_group(backend="gloo")
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 

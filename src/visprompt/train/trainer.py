@@ -195,6 +195,8 @@ class Trainer:
             if not tc.train_data:
                 raise ConfigError(f"train_data is not set{f' in stage {name!r}' if name else ''} (a dataset)")
         self._record_sets: dict[tuple[str, str, str], RecordSet] = {}
+        # a frozen encoder's stored outputs, kept for the next stage while that encoder is unchanged
+        self._stored_features: tuple[tuple, dict, dict] | None = None
 
     def _records(self, path: str, tc) -> RecordSet:
         """The dataset at `path`, read and checked once per run (stages may share data)."""
@@ -319,6 +321,7 @@ class Trainer:
             model, d, tc.fsdp
         )  # what the step calls: the model, DDP over it, or the FSDP-sharded model
         optimizer = build_optimizer(model, lrs, tc.weight_decay)  # after sharding: over the shards
+        clipped = [p for p in model.parameters() if p.requires_grad]  # after sharding too
         total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
         warmup = int(tc.warmup_ratio * total)
         base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -401,9 +404,7 @@ class Trainer:
                         for g, base in zip(optimizer.param_groups, base_lrs):
                             g["lr"] = base * scale
                         if tc.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(
-                                [p for p in model.parameters() if p.requires_grad], tc.grad_clip
-                            )
+                            torch.nn.utils.clip_grad_norm_(clipped, tc.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
@@ -491,7 +492,7 @@ class Trainer:
         d = self.dist
         counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]  # loss tokens
         tokens = max(d.sum([float(sum(counts))])[0], 1.0)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64)  # one read of the value per step, not per micro-batch
         for i, (batch, n) in enumerate(zip(group, counts)):
             last = i == len(group) - 1
             with accumulation_sync(module, last):  # gradients are reduced once per step
@@ -507,8 +508,8 @@ class Trainer:
                 summed = out.loss * n if n else out.logits.sum() * 0.0  # no answer tokens: adds nothing
                 # DDP averages gradients over processes; the factor world makes that a sum.
                 (summed * (d.world / tokens)).backward()
-            loss_sum += float(summed.detach())
-        return d.sum([loss_sum])[0] / tokens
+            loss_sum += summed.detach().double()
+        return d.sum([float(loss_sum)])[0] / tokens
 
     def _whole_model(self, model: VisionLanguageModel, module: torch.nn.Module) -> VisionLanguageModel | None:
         """The trained model, whole, on the main process (None elsewhere): `model` itself, or under
@@ -541,9 +542,9 @@ class Trainer:
         torch.manual_seed(tc.seed + 1009 * d.rank + state["step"])
         dataset.rng.seed(tc.seed + 1009 * d.rank + state["step"])
 
-    @staticmethod
-    def _store_vision_features(dataset: VLMDataset, model: VisionLanguageModel, tc) -> None:
-        """The frozen encoder runs once per distinct image instead of once per example and epoch."""
+    def _store_vision_features(self, dataset: VLMDataset, model: VisionLanguageModel, tc) -> None:
+        """The frozen encoder runs once per distinct image instead of once per example and epoch
+        (and a stage reuses what an earlier stage stored, while the encoder has not changed)."""
         paths = dataset.image_paths()
         if not paths:
             return
@@ -559,7 +560,12 @@ class Trainer:
             )
             return
         t0 = time.time()
-        kept = dataset.store_vision_features(model.vision, tc.eval_batch_size)
+        state = _frozen_state(model.vision)
+        known, layouts = {}, {}
+        if self._stored_features is not None and self._stored_features[0] == state:
+            known, layouts = self._stored_features[1:]
+        kept = dataset.store_vision_features(model.vision, tc.eval_batch_size, known, layouts)
+        self._stored_features = (state, dataset.vision_features, dataset.stored_layouts)
         print(
             f"frozen encoder run once over {len(paths)} images: {kept / 2**20:.0f} MiB of features in {time.time() - t0:.0f} s",
             file=sys.stderr,
@@ -620,6 +626,12 @@ class Trainer:
             "```",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _frozen_state(module: torch.nn.Module) -> tuple:
+    """What identifies a module's current weights: the module itself (held, so its id is never reused)
+    and each tensor's in-place version counter, which every optimizer step and load moves on."""
+    return (module, *((id(t), t._version) for t in (*module.parameters(), *module.buffers())))
 
 
 def _image_tokens_note(cfg) -> str:
