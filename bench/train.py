@@ -21,7 +21,8 @@ on the answer tokens only. Data: the package's shapes generator, one question pe
 image repeats (the trainer's stored frozen-encoder features would not help here) and both sides see
 the same pre-collated batches. The visprompt side runs the trainer's own step (`Trainer._accumulate`,
 `freeze_parts`, `build_optimizer`, `train_mode`, `precision`); the LLaVA side a loop a user would
-write. Each side runs in its own process, so its peak RSS is its own.
+write. Each side runs in its own process, so its peak RSS is its own; the two processes take turns
+step by step (the one waiting is idle), so a change in the machine's load falls on both alike.
 
 Reported per side: samples/s (median time of the --steps timed steps, after --warmup untimed
 ones; batch loading is left out on both sides), peak RSS, the loss of the first and the last step;
@@ -221,34 +222,44 @@ def transformers_side(model):
 
 
 def run_side(args) -> None:
+    """One side, driven by the parent: after loading it says `ready`, then runs one step per `step`
+    line on stdin (answering `done`), one profiled step on `profile`, and on `finish` writes its
+    result to --json. Its stdout carries only these answers (anything else printed goes to stderr)."""
     import resource
 
     import torch
 
     from visprompt.models.vision_language_model import VisionLanguageModel
 
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints of the libraries: to stderr
     torch.manual_seed(args.seed)
     model = VisionLanguageModel.from_pretrained(args.model)
     data = batches(model, Path(args.data), args.batch, args.warmup + args.steps)
     tokens = [int(b["attention_mask"].sum()) for b in data]
     step = visprompt_side(model, Path(args.data)) if args.side == "visprompt" else transformers_side(model)
-    times, losses = [], []
-    for b in data:
-        t = time.perf_counter()
-        losses.append(step(b))
-        times.append(time.perf_counter() - t)
-    profile = []
-    if args.profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    times, losses, profile = [], [], []
+    answers.write("ready\n")
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
             t = time.perf_counter()
-            step(data[-1])
-            wall = time.perf_counter() - t
-        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.profile]
-        profile = [{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in rows]
-        profile.append({"op": "(step wall time)", "ms": wall * 1e3, "calls": 1})
+            losses.append(step(data[len(times)]))
+            times.append(time.perf_counter() - t)
+        elif command == "profile":
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t = time.perf_counter()
+                step(data[-1])
+                wall = time.perf_counter() - t
+            rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.profile]
+            profile = [{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in rows]
+            profile.append({"op": "(step wall time)", "ms": wall * 1e3, "calls": 1})
+        elif command == "finish":
+            break
+        answers.write("done\n")
     timed = times[args.warmup :]
     result = {
         "side": args.side,
@@ -262,6 +273,34 @@ def run_side(args) -> None:
         "profile": profile,
     }
     Path(args.json).write_text(json.dumps(result))
+
+
+class Side:
+    """A side's process, answering the parent's commands (`run_side`)."""
+
+    def __init__(self, side: str, cmd: list):
+        self.side = side
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd], env=ENV, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.expect("ready")
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        if command != "finish":
+            self.expect("done")
+
+    def expect(self, word: str) -> None:
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            self.proc.kill()
+            raise SystemExit(f"the {self.side} side stopped (expected {word!r}, got {line!r}): see its errors above")
+
+    def finish(self) -> None:
+        self.send("finish")
+        if self.proc.wait() != 0:
+            raise SystemExit(f"the {self.side} side failed")
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -312,22 +351,34 @@ def main() -> None:
     if args.side:
         run_side(args)
         return
+    started = time.perf_counter()
     command = "python bench/train.py" + "".join(f" {a}" for a in sys.argv[1:] if not a.startswith("--docs"))
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     model_dir, train_json = prepare(args.image_size, (args.warmup + args.steps) * args.batch, args.seed)
-    sides = {}
     with tempfile.TemporaryDirectory() as tmp:
+        procs = {}
         for side in ("visprompt", "transformers"):
-            out = Path(tmp, side + ".json")
             flags = ["--steps", args.steps, "--warmup", args.warmup, "--batch", args.batch, "--seed", args.seed]
             cmd = [sys.executable, __file__, "--side", side, "--model", model_dir, "--data", train_json]
-            cmd += [*flags, "--profile", args.profile, "--json", out]
-            print(f"running the {side} side ...", file=sys.stderr, flush=True)
-            subprocess.run([str(c) for c in cmd], check=True, env=ENV, cwd=ROOT)
-            sides[side] = json.loads(out.read_text())
+            cmd += [*flags, "--profile", args.profile, "--json", Path(tmp, side + ".json")]
+            print(f"loading the {side} side ...", file=sys.stderr, flush=True)
+            procs[side] = Side(side, cmd)
+        # The sides take turns, one step each (the first alternating), so that a change in the
+        # machine's load falls on both alike; the one waiting is idle.
+        order = list(procs.values())
+        for i in range(args.warmup + args.steps):
+            print(f"step {i + 1}/{args.warmup + args.steps}", file=sys.stderr, flush=True)
+            for proc in order if i % 2 == 0 else order[::-1]:
+                proc.send("step")
+        for proc in order:
+            if args.profile:
+                proc.send("profile")
+            proc.finish()
+        sides = {side: json.loads(Path(tmp, side + ".json").read_text()) for side in procs}
     text = markdown(command, sides, args)
     print(text)
+    print(f"bench/train.py: {time.perf_counter() - started:.0f} s in all", file=sys.stderr)
     if args.docs:
         doc = args.docs.read_text()
         pattern = re.compile(r"(<!-- bench:train -->).*?(<!-- /bench:train -->)", re.S)
