@@ -5,8 +5,8 @@ the same weights and the same batches.
     flock /tmp/visprompt-cpu.lock python bench/train.py                            # markdown on stdout
     flock /tmp/visprompt-cpu.lock python bench/train.py --docs docs/training.md    # and into the doc
 
-The default is quick: 2 warm-up steps, then 10 timed steps per side (a few minutes on 2 cores,
-most of it loading and the steps themselves); `--steps 50` for a steadier median.
+The default is quick: 2 warm-up steps, then 10 timed steps per side (about 3 minutes on 2 cores,
+once the first run has built the model); `--steps 50` for a steadier median.
 
 The model: a SigLIP-base-shaped vision tower (12 x 768, patch 16, random weights) at 128 px, so an
 image is 64 patch tokens; LLaVA-1.5's connector (Linear-GELU-Linear, random); SmolLM2-135M-Instruct
@@ -334,7 +334,8 @@ def markdown(command: str, sides: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="The defaults (2 warm-up + 10 timed steps per side) take a few minutes on 2 cores.",
+        epilog="The defaults (2 warm-up + 10 timed steps per side, the sides taking turns) take about 3 minutes "
+        "on 2 cores, once the first run has built and saved the model and the data (in the temporary folder).",
     )
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side, after the warm-up (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, per side (default 2)")
