@@ -353,7 +353,12 @@ def main() -> None:
         run_side(args)
         return
     started = time.perf_counter()
-    command = "python bench/train.py" + "".join(f" {a}" for a in sys.argv[1:] if not a.startswith("--docs"))
+    shown, skip = [], False
+    for arg in sys.argv[1:]:  # the command without --docs and its file
+        if not skip and not arg.startswith("--docs"):
+            shown.append(arg)
+        skip = arg == "--docs"
+    command = " ".join(["python bench/train.py", *shown])
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     model_dir, train_json = prepare(args.image_size, (args.warmup + args.steps) * args.batch, args.seed)
