@@ -478,3 +478,36 @@ def test_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
     assert precision.choose("float32")[0] == torch.float32
     with pytest.raises(ConfigError):
         precision.choose("fp8")
+
+
+def test_the_optimizer_is_torchs_fused_adamw_with_the_default_update():
+    from conftest import tiny_config
+
+    from visprompt.train.trainer import build_optimizer, fused_adamw_applies
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(tiny_config(), ["a red square", "a blue circle"])
+    lrs = {"connector": 1e-3, "lm": 1e-3}
+    fused = build_optimizer(model, lrs, 0.01)
+    assert fused.defaults["fused"] is True
+    params = [p for g in fused.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    for _ in range(3):
+        fused.step()
+    after_fused = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s0 in zip(params, start):
+            p.copy_(s0)
+    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in fused.param_groups]
+    plain = torch.optim.AdamW(groups, betas=(0.9, 0.95))  # the same groups, torch's default update
+    assert not plain.defaults["fused"]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    for _ in range(3):
+        plain.step()
+    assert all(torch.allclose(a, p, atol=1e-6, rtol=1e-5) for a, p in zip(after_fused, params))
+    integer = torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+    assert not fused_adamw_applies([{"params": [integer]}])

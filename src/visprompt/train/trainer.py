@@ -89,7 +89,17 @@ def build_optimizer(model: VisionLanguageModel, lrs: dict[str, float], weight_de
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("every part is frozen (all learning rates are 0): nothing to train")
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused_adamw_applies(groups))
+
+
+def fused_adamw_applies(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW (one kernel over all parameters: several times faster than the default
+    per-tensor-list update on a CPU, the same update up to float rounding) takes these parameters: plain
+    floating tensors on a CPU or a GPU. FSDP's sharded parameters (DTensors) keep the default."""
+    params = [p for g in groups for p in g["params"]]
+    return all(
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
