@@ -38,6 +38,7 @@ from .served_model import ServedModel
 from .task_api import Tasks
 
 STATIC = Path(__file__).parent / "static"
+TASKS = ("describe", "story", "lesson", "video", "explain")  # POST /v1/tasks/NAME -> Tasks.NAME
 PAGE_HEADERS = {
     # the page loads nothing from anywhere else, and nothing may frame it
     "Content-Security-Policy": (
@@ -116,30 +117,15 @@ def create_app(
         authorize(request)
         return await chat(request)
 
-    @app.post("/v1/tasks/describe")
-    async def task_describe(request: Request) -> Response:
-        authorize(request)
-        return await tasks.describe(request)
+    def task_route(handler: Callable) -> Callable:
+        async def route(request: Request) -> Response:
+            authorize(request)
+            return await handler(request)
 
-    @app.post("/v1/tasks/story")
-    async def task_story(request: Request) -> Response:
-        authorize(request)
-        return await tasks.story(request)
+        return route
 
-    @app.post("/v1/tasks/lesson")
-    async def task_lesson(request: Request) -> Response:
-        authorize(request)
-        return await tasks.lesson(request)
-
-    @app.post("/v1/tasks/video")
-    async def task_video(request: Request) -> Response:
-        authorize(request)
-        return await tasks.video(request)
-
-    @app.post("/v1/tasks/explain")
-    async def task_explain(request: Request) -> Response:
-        authorize(request)
-        return await tasks.explain(request)
+    for name in TASKS:
+        app.add_api_route(f"/v1/tasks/{name}", task_route(getattr(tasks, name)), methods=["POST"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
