@@ -275,3 +275,15 @@ def test_the_colour_answer_looks_at_the_triangles_cell(color_model):
         hits += np.unravel_index(grid_map.argmax(), grid_map.shape) == cell
     print(f"triangle's cell is the argmax in {hits} of {len(scenes)} scenes")
     assert hits >= 40, f"the triangle's cell is the argmax in only {hits} of {len(scenes)} scenes"
+
+
+def test_a_perceiver_resamplers_latents_are_refused_not_drawn_as_a_grid():
+    from types import SimpleNamespace
+
+    from visprompt.eval.attention import _hf_grid
+
+    idefics2 = SimpleNamespace(config=SimpleNamespace(model_type="idefics2", perceiver_config=SimpleNamespace()))
+    with pytest.raises(VispromptError, match="perceiver resampler's latents"):
+        _hf_grid(idefics2, {}, 64)  # 64 latents would otherwise pass as an 8 x 8 grid
+    llava = SimpleNamespace(config=SimpleNamespace(model_type="llava"))
+    assert _hf_grid(llava, {}, 64)[0] == (8, 8)

@@ -364,6 +364,11 @@ def _hf_pass(backend, conv, answer_ids: list[int]) -> _Pass:
 def _hf_grid(model, inputs: dict, n: int) -> tuple[tuple[int, int], torch.Tensor]:
     """(H_grid, W_grid) of an HF VLM's image tokens and which of the N tokens form it, in grid order."""
     model_type = getattr(model.config, "model_type", "")
+    if getattr(model.config, "perceiver_config", None) is not None:  # Idefics2: a resampler's latents
+        raise VispromptError(
+            f"cannot map attention of this {model_type or 'model'} onto the image: its {n} image tokens are a "
+            "perceiver resampler's latents, which have no place in the image"
+        )
     if "image_grid_thw" in inputs:  # Qwen2-VL: patches merged merge x merge per token
         t, h, w = (int(v) for v in inputs["image_grid_thw"][0])
         merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
