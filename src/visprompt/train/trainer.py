@@ -23,6 +23,7 @@ from ..errors import ConfigError, VispromptError
 from ..eval import evaluate
 from ..files import atomic_write_text, remove_stale_temporaries
 from ..images import ImagePreprocessor, load_image
+from ..models.versions import weights_version
 from ..models.vision_language_model import VisionLanguageModel
 from . import precision
 from .bad_records import report_bad_records
@@ -570,7 +571,7 @@ class Trainer:
             )
             return
         t0 = time.time()
-        state = _frozen_state(model.vision)
+        state = (model.vision, weights_version(model.vision, buffers=True))  # the module held: ids stay unique
         known, layouts = {}, {}
         if self._stored_features is not None and self._stored_features[0] == state:
             known, layouts = self._stored_features[1:]
@@ -636,12 +637,6 @@ class Trainer:
             "```",
         ]
         return "\n".join(lines) + "\n"
-
-
-def _frozen_state(module: torch.nn.Module) -> tuple:
-    """What identifies a module's current weights: the module itself (held, so its id is never reused)
-    and each tensor's in-place version counter, which every optimizer step and load moves on."""
-    return (module, *((id(t), t._version) for t in (*module.parameters(), *module.buffers())))
 
 
 def _image_tokens_note(cfg) -> str:

@@ -34,6 +34,7 @@ from ...images import ImagePreprocessor, image_fingerprint, load_image, read_ima
 from ...models.chat import encode_chat, to_chat
 from ...models.image_inputs import prepare_images
 from ...models.tokenizer import stop_token_ids
+from ...models.versions import weights_version
 from ...models.vision_language_model import VisionLanguageModel
 from ...runtime.caches import ImageFeatureCache, MiB, PrefixKVCache
 from ...runtime.decoder import EmbeddingDecoder, Prompt, ReferenceDecoder
@@ -49,18 +50,6 @@ GATE_QUESTIONS = (
 
 
 _MAX_ENCODED_KEYS = 4096  # remembered encoded-bytes digests (64 bytes each, a few hundred KB at most)
-
-
-def _weights_version(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced or modified in place (checked on every request, so
-    it walks the modules' own dicts: ~4x cheaper than `module.parameters()`)."""
-    params: list[torch.Tensor] = []
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        params.extend(p for p in m._parameters.values() if p is not None)
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return (tuple(map(id, params)), sum(p._version for p in params))
 
 
 class OwnVLMBackend(ScheduledBackend):
@@ -125,7 +114,7 @@ class OwnVLMBackend(ScheduledBackend):
 
     def _scheduler_stale(self) -> bool:
         # the lean decoders keep packed copies of the LM's weights: new weights need a new decoder
-        return self._lm_version is not None and _weights_version(self.model.lm) != self._lm_version
+        return self._lm_version is not None and weights_version(self.model.lm) != self._lm_version
 
     def _build_scheduler(self) -> Scheduler:
         """The scheduler over the fast decoder when it reproduces the model, else the reference one."""
@@ -135,7 +124,7 @@ class OwnVLMBackend(ScheduledBackend):
         if self.fast_path_reason() is not None:
             self.decoder_kind, self._lm_version = "reference", None
             return self._scheduler_over(ReferenceDecoder(self.model, max_batch=self.max_batch))
-        self._lm_version = _weights_version(self.model.lm)
+        self._lm_version = weights_version(self.model.lm)
         decoder = self._quantized_decoder() if self.quantize else None
         self.decoder_kind = self.quantize if decoder is not None else "fp32"
         if decoder is None:
@@ -188,7 +177,7 @@ class OwnVLMBackend(ScheduledBackend):
 
     # -- prompts and images ---------------------------------------------------------------------
     def _check_vision_version(self) -> None:
-        version = _weights_version(torch.nn.ModuleList([self.model.vision, self.model.connector]))
+        version = weights_version(torch.nn.ModuleList([self.model.vision, self.model.connector]))
         if version != self._vision_version:
             self.image_cache.clear()
             self._vision_version = version
